@@ -1,0 +1,1 @@
+"""The CALM model in plain PyTorch (the reference for every fast path) and its checkpoint I/O."""

@@ -1,0 +1,404 @@
+"""Reading and writing checkpoints in the official layout.
+
+A CALM checkpoint directory holds `config.json` and its weights as `model.safetensors`, `pytorch_model.bin`, or
+shards listed by `model.safetensors.index.json` / `pytorch_model.bin.index.json`. The official state dict names
+the backbone `transformer.*`, the energy head `mlp_generator.*` (and again, sharing storage, `generative_head.*`),
+the input compression `embed_proj.*`, and carries the autoencoder as `ae_model.*`, whose
+`decoder.lm_head_weight` is tied to `encoder.embed_tokens.weight`. Pickled files are read with
+`torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from calm_engine.model.autoencoder import Autoencoder
+from calm_engine.model.calm import CalmModel
+from calm_engine.model.config import AutoencoderConfig, CalmConfig, ConfigError
+from calm_engine.tokenizer import find_tokenizer, load_tokenizer
+
+SAFETENSORS_FILE = "model.safetensors"
+PICKLE_FILE = "pytorch_model.bin"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+LM_HEAD_KEY = "decoder.lm_head_weight"
+EMBEDDING_KEY = "encoder.embed_tokens.weight"
+# Official state-dict prefix -> ours. Both generator prefixes name the same module.
+OFFICIAL_PREFIXES = {"transformer.": "backbone.", "mlp_generator.": "generative_head."}
+DUPLICATE_HEAD_PREFIX = "generative_head."
+AE_PREFIX = "ae_model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or weight file is missing, corrupt, or does not match the config."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load(
+    path: str | Path,
+    *,
+    ae_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: str | Path | None = None,
+) -> CalmModel:
+    """Load an official-layout CALM checkpoint directory as an inference-ready CalmModel (eval, no grads).
+
+    The autoencoder comes from the checkpoint's own `ae_model.*` weights when present, else from `ae_path`, else
+    from the config's `ae_path` (tried relative to the checkpoint's parent, the checkpoint, the working directory).
+    Its config comes from `ae_path` or the config's `ae_path` when either holds a config.json, else it is read off
+    the weight shapes. The tokenizer comes from `tokenizer` (a directory) or the checkpoint directory, if any.
+    """
+    directory = _existing_dir(path, "checkpoint")
+    dtype, device = _resolve_dtype(dtype), torch.device(device)
+    config = CalmConfig.from_file(directory)
+    weights = read_weights(directory)
+
+    ae_weights = {k[len(AE_PREFIX) :]: v for k, v in weights.items() if k.startswith(AE_PREFIX)}
+    calm_weights = _from_official_names({k: v for k, v in weights.items() if not k.startswith(AE_PREFIX)})
+    ae_dir = _find_autoencoder_dir(directory, config, ae_path)
+    if ae_weights:
+        if ae_path is not None:
+            warnings.warn(
+                f"{directory} carries its own autoencoder weights (ae_model.*); ae_path={str(ae_path)!r} is used "
+                "for the autoencoder config only",
+                stacklevel=2,
+            )
+        ae_config = AutoencoderConfig.from_file(ae_dir) if ae_dir else _infer_autoencoder_config(ae_weights, config)
+        ae_label = AE_PREFIX
+    elif ae_dir is not None:
+        ae_config = AutoencoderConfig.from_file(ae_dir)
+        ae_weights = read_weights(ae_dir)
+        ae_label = f"{ae_dir}: "
+    else:
+        raise CheckpointError(
+            f"{directory} has no autoencoder weights (ae_model.*) and its ae_path {config.ae_path!r} was not found "
+            f"(tried {', '.join(str(p) for p in _ae_path_candidates(directory, config.ae_path))}); pass ae_path="
+        )
+    try:
+        config.check_autoencoder(ae_config, source=str(directory / "config.json"))
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+
+    with torch.device("meta"):
+        model = CalmModel(config, ae_config)
+    problems = _check_weights(model.state_dict(), calm_weights, skip_prefix="autoencoder.", name=_official_name)
+    problems += _check_weights(model.autoencoder.state_dict(), ae_weights, optional={LM_HEAD_KEY}, label=ae_label)
+    if problems:
+        raise CheckpointError(f"{directory}: weights do not match the config:\n  " + "\n  ".join(problems))
+    model.load_state_dict(_cast(calm_weights, dtype, device), strict=False, assign=True)
+    _assign_autoencoder(model.autoencoder, ae_weights, dtype, device)
+    assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
+    model.tokenizer = _tokenizer_for(directory, tokenizer, config.pad_token_id)
+    return model.eval().requires_grad_(False)
+
+
+def load_autoencoder(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+) -> Autoencoder:
+    """Load a standalone autoencoder checkpoint directory (config.json + weights)."""
+    directory = _existing_dir(path, "autoencoder checkpoint")
+    config = AutoencoderConfig.from_file(directory)
+    weights = read_weights(directory)
+    with torch.device("meta"):
+        autoencoder = Autoencoder(config)
+    problems = _check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY})
+    if problems:
+        raise CheckpointError(f"{directory}: weights do not match the config:\n  " + "\n  ".join(problems))
+    _assign_autoencoder(autoencoder, weights, _resolve_dtype(dtype), torch.device(device))
+    return autoencoder.eval().requires_grad_(False)
+
+
+def save_autoencoder(autoencoder: Autoencoder, directory: str | Path, *, safetensors: bool = True) -> None:
+    """Write config.json + weights the way the official training does (the tied lm_head stored too)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    autoencoder.config.save(directory)
+    _write_weights(autoencoder.state_dict(), directory, safetensors)
+
+
+def save_calm(
+    model: CalmModel,
+    directory: str | Path,
+    *,
+    safetensors: bool = True,
+    ae_path: str | None = "autoencoder",
+    write_autoencoder: bool = True,
+) -> None:
+    """Write a CALM checkpoint in the official layout, the autoencoder embedded under `ae_model.*`.
+
+    The config's ae_path is set to `ae_path`; when it is relative and `write_autoencoder` is set, the autoencoder
+    checkpoint is also written there inside `directory`, so that the folder is self-contained (its config is not
+    recoverable from the weights alone) and the official code, run from the folder, finds it too.
+    The pickle copy stores the generator twice (`mlp_generator.*` and `generative_head.*`, one storage) as the
+    official `save_pretrained` does; the safetensors copy, which cannot alias, stores `mlp_generator.*` only.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dataclasses.replace(model.config, ae_path=ae_path).save(directory)
+    if ae_path is not None and write_autoencoder and not Path(ae_path).is_absolute():
+        save_autoencoder(model.autoencoder, directory / ae_path, safetensors=safetensors)
+    state = _to_official_names(model.state_dict())
+    if not safetensors:
+        for key in [k for k in state if k.startswith("mlp_generator.")]:
+            state[DUPLICATE_HEAD_PREFIX + key[len("mlp_generator.") :]] = state[key]
+    _write_weights(state, directory, safetensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight files
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory by name, on the CPU, as stored (safetensors preferred)."""
+    directory = Path(directory)
+    for index_name, single_name in (
+        (SAFETENSORS_FILE + ".index.json", SAFETENSORS_FILE),
+        (PICKLE_FILE + ".index.json", PICKLE_FILE),
+    ):
+        if (directory / single_name).is_file():
+            return _read_file(directory / single_name)
+        if (directory / index_name).is_file():
+            return _read_shards(directory / index_name)
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFETENSORS_FILE}, {PICKLE_FILE} or a sharded *.index.json"
+    )
+
+
+def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from None
+    weights = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path} lists shard {shard}, which is missing")
+        weights.update(_read_file(shard_path))
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise CheckpointError(f"{index_path}: tensors listed but not found in their shards: {missing}")
+    return weights
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.name.endswith(".safetensors"):
+            return load_file(path)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be memory-mapped
+                raise
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({error})") from None
+    except Exception as error:  # weights_only refusing a pickled object raises UnpicklingError
+        raise CheckpointError(
+            f"cannot read {path} with torch.load(weights_only=True): it holds more than tensors ({error})"
+        ) from None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return weights
+
+
+def _write_weights(state: dict[str, torch.Tensor], directory: Path, safetensors: bool) -> None:
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    if safetensors:
+        # safetensors cannot alias: every tensor gets its own storage.
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, directory / SAFETENSORS_FILE)
+    else:
+        torch.save(state, directory / PICKLE_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names, shapes, assignment
+
+
+def _from_official_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename official keys to ours and fold the generator's duplicate copy, which must equal the first."""
+    renamed, duplicates = {}, {}
+    for key, tensor in weights.items():
+        if key.startswith(DUPLICATE_HEAD_PREFIX):
+            duplicates[key] = tensor
+            continue
+        for official, ours in OFFICIAL_PREFIXES.items():
+            if key.startswith(official):
+                key = ours + key[len(official) :]
+                break
+        renamed[key] = tensor
+    differing = []
+    for key, tensor in duplicates.items():
+        if key not in renamed:
+            renamed[key] = tensor  # a checkpoint with generative_head.* only
+        elif renamed[key].shape != tensor.shape or not torch.equal(renamed[key], tensor):
+            differing.append(key)
+    if differing:
+        raise CheckpointError(
+            f"the checkpoint stores the generator twice (mlp_generator.* and generative_head.*) with different "
+            f"values for: {differing}"
+        )
+    return renamed
+
+
+def _official_name(key: str) -> str:
+    for official, ours in (*OFFICIAL_PREFIXES.items(), (AE_PREFIX, "autoencoder.")):
+        if key.startswith(ours):
+            return official + key[len(ours) :]
+    return key
+
+
+def _to_official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_official_name(key): tensor for key, tensor in state.items()}
+
+
+def _check_weights(
+    expected: dict[str, torch.Tensor],
+    found: dict[str, torch.Tensor],
+    *,
+    optional: set[str] = frozenset(),
+    skip_prefix: str | None = None,
+    label: str = "",
+    name=lambda key: key,
+) -> list[str]:
+    """Every problem between the model's expected tensors and the checkpoint's, one line each (keys shown by name)."""
+    if skip_prefix:
+        expected = {k: v for k, v in expected.items() if not k.startswith(skip_prefix)}
+    problems = [
+        f"missing tensor {label}{name(k)} {list(v.shape)}"
+        for k, v in expected.items()
+        if k not in found and k not in optional
+    ]
+    problems += [f"unexpected tensor {label}{name(k)} {list(v.shape)}" for k, v in found.items() if k not in expected]
+    for key, tensor in found.items():
+        if key in expected and tensor.shape != expected[key].shape:
+            problems.append(
+                f"shape mismatch for {label}{name(key)}: checkpoint {list(tensor.shape)}, "
+                f"config {list(expected[key].shape)}"
+            )
+        elif key in expected and not tensor.is_floating_point():
+            problems.append(f"tensor {label}{name(key)} has dtype {tensor.dtype}, expected a floating-point dtype")
+    return problems
+
+
+def _cast(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+
+
+def _assign_autoencoder(
+    autoencoder: Autoencoder, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Assign the autoencoder's weights; keep the output projection tied unless the checkpoint stores another one."""
+    lm_head = weights.get(LM_HEAD_KEY)
+    embedding = weights[EMBEDDING_KEY]
+    untied = lm_head is not None and lm_head.data_ptr() != embedding.data_ptr() and not torch.equal(lm_head, embedding)
+    rest = {k: v for k, v in weights.items() if k != LM_HEAD_KEY}
+    missing, unexpected = autoencoder.load_state_dict(_cast(rest, dtype, device), strict=False, assign=True)
+    assert missing == [LM_HEAD_KEY] and not unexpected, (missing, unexpected)
+    if untied:
+        autoencoder.decoder.lm_head_weight = torch.nn.Parameter(lm_head.to(device=device, dtype=dtype))
+    else:
+        autoencoder.tie_weights()
+
+
+def _infer_autoencoder_config(weights: dict[str, torch.Tensor], config: CalmConfig) -> AutoencoderConfig:
+    """The autoencoder config read off its weight shapes, for checkpoints whose ae_path leads nowhere."""
+
+    def count(prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return len({m.group(1) for k in weights if (m := pattern.match(k))})
+
+    try:
+        vocab, hidden = weights[EMBEDDING_KEY].shape
+        gate = weights.get("encoder.encoder_layers.0.mlp.gate_proj.weight")
+        inferred = AutoencoderConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=gate.shape[0] if gate is not None else AutoencoderConfig.intermediate_size,
+            latent_size=weights["encoder.hidden_to_latent.weight"].shape[0] // 2,
+            patch_size=weights["encoder.squeeze_layer.weight"].shape[1] // hidden,
+            num_encoder_layers=count("encoder.encoder_layers."),
+            num_decoder_layers=count("decoder.decoder_layers."),
+            mlp_bias="encoder.encoder_layers.0.mlp.gate_proj.bias" in weights,
+            pad_token_id=config.pad_token_id,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+        )
+        inferred.validate("autoencoder config inferred from ae_model.* weights")
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"cannot infer the autoencoder config from the ae_model.* weights: {error}") from None
+    warnings.warn(
+        "no autoencoder config.json found (ae_path); using one read off the ae_model.* weight shapes with "
+        f"rms_norm_eps={inferred.rms_norm_eps} and hidden_act={inferred.hidden_act!r}; pass ae_path= to override",
+        stacklevel=3,
+    )
+    return inferred
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and options
+
+
+def _existing_dir(path: str | Path, what: str) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{what} directory not found: {directory}")
+    return directory
+
+
+def _ae_path_candidates(directory: Path, ae_path: str | None) -> list[Path]:
+    if not ae_path:
+        return []
+    path = Path(ae_path)
+    if path.is_absolute():
+        return [path]
+    return [directory.parent / path, directory / path, Path.cwd() / path]
+
+
+def _find_autoencoder_dir(directory: Path, config: CalmConfig, ae_path: str | Path | None) -> Path | None:
+    """The explicit ae_path (which must exist), else the first existing candidate for the config's ae_path."""
+    if ae_path is not None:
+        explicit = Path(ae_path)
+        if not (explicit / "config.json").is_file():
+            raise CheckpointError(f"ae_path {explicit} is not an autoencoder checkpoint directory (no config.json)")
+        return explicit
+    for candidate in _ae_path_candidates(directory, config.ae_path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    return dtype
+
+
+def _tokenizer_for(directory: Path, tokenizer: str | Path | None, pad_token_id: int | None):
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer, pad_token_id)
+    return find_tokenizer(directory, pad_token_id)
