@@ -33,6 +33,8 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str = "tensor") -> None:
     assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != expected {list(expected.shape)}"
     error = max_rel_error(actual, expected)
+    if os.environ.get("CALM_PRINT_ERRORS"):  # for reports: pytest -s -v prints each check's error
+        print(f"  {name}: max relative error {error:.2e}")
     assert error <= rel, f"{name}: max relative error {error:.3g} > {rel:.1g}"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -213,7 +214,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
             weights = torch.load(path, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
         raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({error})") from None
-    except Exception as error:  # weights_only refusing a pickled object raises UnpicklingError
+    except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"cannot read {path} with torch.load(weights_only=True): it holds more than tensors ({error})"
         ) from None
@@ -225,8 +226,10 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 def _write_weights(state: dict[str, torch.Tensor], directory: Path, safetensors: bool) -> None:
     state = {k: v.detach().cpu() for k, v in state.items()}
     if safetensors:
-        # safetensors cannot alias: every tensor gets its own storage.
-        save_file({k: v.clone().contiguous() for k, v in state.items()}, directory / SAFETENSORS_FILE)
+        # safetensors cannot alias: every tensor gets its own storage. transformers' from_pretrained requires the
+        # "format" metadata, so the official code can load these files too.
+        tensors = {k: v.clone().contiguous() for k, v in state.items()}
+        save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
     else:
         torch.save(state, directory / PICKLE_FILE)
 

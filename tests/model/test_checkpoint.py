@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import calm_engine
@@ -61,6 +62,13 @@ def test_official_key_layout(saved):
     fixture_keys = {k for k, _, _ in official["calm/pytorch_model.bin"]["keys"]}
     strip_layers = lambda ks: {".".join(p for p in k.split(".") if not p.isdigit()) for k in ks}  # noqa: E731
     assert strip_layers(keys) == strip_layers(fixture_keys)
+
+
+def test_safetensors_carry_the_metadata_transformers_requires(tmp_path):
+    save_calm(random_calm_model(seed=2), tmp_path)
+    for path in (tmp_path / "model.safetensors", tmp_path / "autoencoder" / "model.safetensors"):
+        with safe_open(path, "pt") as file:
+            assert file.metadata() == {"format": "pt"}
 
 
 def test_pickle_shares_storage_like_the_official_files(saved):
