@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.calm import CalmModel
-from calm_engine.model.config import AutoencoderConfig, CalmConfig, ConfigError
+from calm_engine.model.config import AutoencoderConfig, CalmConfig
 from calm_engine.tokenizer import find_tokenizer, load_tokenizer
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -93,17 +93,13 @@ def load(
             f"{directory} has no autoencoder weights (ae_model.*) and its ae_path {config.ae_path!r} was not found "
             f"(tried {', '.join(str(p) for p in _ae_path_candidates(directory, config.ae_path))}); pass ae_path="
         )
-    try:
-        config.check_autoencoder(ae_config, source=str(directory / "config.json"))
-    except ConfigError as error:
-        raise CheckpointError(str(error)) from None
+    config.check_autoencoder(ae_config, source=str(directory / "config.json"))
 
     with torch.device("meta"):
         model = CalmModel(config, ae_config)
     problems = _check_weights(model.state_dict(), calm_weights, skip_prefix="autoencoder.", name=_official_name)
     problems += _check_weights(model.autoencoder.state_dict(), ae_weights, optional={LM_HEAD_KEY}, label=ae_label)
-    if problems:
-        raise CheckpointError(f"{directory}: weights do not match the config:\n  " + "\n  ".join(problems))
+    _raise_problems(directory, problems)
     model.load_state_dict(_cast(calm_weights, dtype, device), strict=False, assign=True)
     _assign_autoencoder(model.autoencoder, ae_weights, dtype, device)
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
@@ -116,14 +112,13 @@ def load_autoencoder(
 ) -> Autoencoder:
     """Load a standalone autoencoder checkpoint directory (config.json + weights)."""
     directory = _existing_dir(path, "autoencoder checkpoint")
+    dtype, device = _resolve_dtype(dtype), torch.device(device)
     config = AutoencoderConfig.from_file(directory)
     weights = read_weights(directory)
     with torch.device("meta"):
         autoencoder = Autoencoder(config)
-    problems = _check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY})
-    if problems:
-        raise CheckpointError(f"{directory}: weights do not match the config:\n  " + "\n  ".join(problems))
-    _assign_autoencoder(autoencoder, weights, _resolve_dtype(dtype), torch.device(device))
+    _raise_problems(directory, _check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY}))
+    _assign_autoencoder(autoencoder, weights, dtype, device)
     return autoencoder.eval().requires_grad_(False)
 
 
@@ -302,6 +297,11 @@ def _check_weights(
         elif key in expected and not tensor.is_floating_point():
             problems.append(f"tensor {label}{name(key)} has dtype {tensor.dtype}, expected a floating-point dtype")
     return problems
+
+
+def _raise_problems(directory: Path, problems: list[str]) -> None:
+    if problems:
+        raise CheckpointError(f"{directory}: weights do not match the config:\n  " + "\n  ".join(problems))
 
 
 def _cast(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

@@ -270,3 +270,14 @@ def test_autoencoder_checkpoint_round_trip(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (3, 2 * model.config.patch_size))
     assert torch.equal(loaded.encode(ids)[0], model.autoencoder.encode(ids)[0])
     assert loaded.weights_tied
+
+
+def test_autoencoder_that_does_not_fit_the_model(tmp_path):
+    model = random_calm_model(seed=9)
+    other = random_calm_model(seed=9, latent_size=model.config.latent_size + 2)
+    save_autoencoder(other.autoencoder, tmp_path / "ae")
+    save_calm(model, tmp_path / "calm", ae_path="ae", write_autoencoder=False)
+    weights = {k: v for k, v in read_weights(tmp_path / "calm").items() if not k.startswith("ae_model.")}
+    save_file(weights, tmp_path / "calm" / "model.safetensors")
+    with pytest.raises(ValueError, match="'latent_size' is 8 but the autoencoder's is 10"):
+        calm_engine.load(tmp_path / "calm", ae_path=tmp_path / "ae")
