@@ -83,20 +83,27 @@ def test_pickle_shares_storage_like_the_official_files(saved):
     )
 
 
-def test_sharded_checkpoint(tmp_path, saved):
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_sharded_checkpoint(tmp_path, saved, safetensors):
     model, path = saved
     weights = read_weights(path)
     keys = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    suffix = "safetensors" if safetensors else "bin"
+    shards = {f"model-00001-of-00002.{suffix}": keys[::2], f"model-00002-of-00002.{suffix}": keys[1::2]}
     out = tmp_path / "sharded"
     shutil.copytree(path, out, ignore=shutil.ignore_patterns("pytorch_model.bin"))
     for name, shard_keys in shards.items():
-        save_file({k: weights[k].clone() for k in shard_keys}, out / name)
+        shard = {k: weights[k].clone() for k in shard_keys}
+        if safetensors:
+            save_file(shard, out / name)
+        else:
+            torch.save(shard, out / name)
     weight_map = {k: name for name, ks in shards.items() for k in ks}
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
+    (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     same_outputs(model, calm_engine.load(out), rel=0)
-    (out / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="lists shard model-00002-of-00002.safetensors, which is missing"):
+    (out / f"model-00002-of-00002.{suffix}").unlink()
+    with pytest.raises(CheckpointError, match=f"lists shard model-00002-of-00002.{suffix}, which is missing"):
         calm_engine.load(out)
 
 
