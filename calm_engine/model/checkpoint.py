@@ -153,8 +153,8 @@ def save_calm(
         save_autoencoder(model.autoencoder, directory / ae_path, safetensors=safetensors)
     state = _to_official_names(model.state_dict())
     if not safetensors:
-        for key in [k for k in state if k.startswith("mlp_generator.")]:
-            state[DUPLICATE_HEAD_PREFIX + key[len("mlp_generator.") :]] = state[key]
+        for key in [k for k in state if _our_name(k).startswith(DUPLICATE_HEAD_PREFIX)]:
+            state[_our_name(key)] = state[key]
     _write_weights(state, directory, safetensors)
 
 
@@ -239,12 +239,8 @@ def _from_official_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for key, tensor in weights.items():
         if key.startswith(DUPLICATE_HEAD_PREFIX):
             duplicates[key] = tensor
-            continue
-        for official, ours in OFFICIAL_PREFIXES.items():
-            if key.startswith(official):
-                key = ours + key[len(official) :]
-                break
-        renamed[key] = tensor
+        else:
+            renamed[_our_name(key)] = tensor
     differing = []
     for key, tensor in duplicates.items():
         if key not in renamed:
@@ -257,6 +253,13 @@ def _from_official_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
             f"values for: {differing}"
         )
     return renamed
+
+
+def _our_name(key: str) -> str:
+    for official, ours in OFFICIAL_PREFIXES.items():
+        if key.startswith(official):
+            return ours + key[len(official) :]
+    return key
 
 
 def _official_name(key: str) -> str:
