@@ -3,6 +3,8 @@
 Entry point: `model = calm_engine.load("path/to/calm_checkpoint")`; see the README for the model API.
 """
 
+from calm_engine.engine.llm_engine import LLM, LLMEngine
 from calm_engine.model.checkpoint import load, load_autoencoder
+from calm_engine.sampling_params import SamplingParams
 
-__all__ = ["load", "load_autoencoder"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "load", "load_autoencoder"]

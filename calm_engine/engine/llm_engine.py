@@ -1,0 +1,293 @@
+"""LLMEngine, the step-level API for embedding the engine, and LLM, the offline batch API built on it.
+
+    engine = LLMEngine(model)                    # or LLM(...).engine
+    engine.add_request("a", "Once upon", SamplingParams(temperature=0.5, seed=1))
+    while engine.has_unfinished_requests():
+        for out in engine.step():                # new ids of every running request (streaming)
+            ...
+    engine.abort("a")
+
+Prompts of any length: the model reads whole K-token chunks. The official rule ("right", default) pads the last
+partial chunk of the prompt with the pad id on the right, feeds the pads like tokens, and drops pad ids from the
+output. "left" pads the first chunk on the left instead, so the prompt's last real token is the last thing the model
+reads before generating (the pads then sit where a document boundary would). Generated pad ids are fed back but not
+reported, as the official generate does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from calm_engine.engine.kv_cache import SlotKVCache, capacity_for
+from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch
+from calm_engine.engine.request import Request, RequestOutput
+from calm_engine.engine.scheduler import Scheduler
+from calm_engine.model.calm import CalmModel
+from calm_engine.sampling_params import SamplingParams
+
+PROMPT_PADDING = ("right", "left")
+
+
+class LLMEngine:
+    """Continuous batching over up to `max_batch_size` concurrent requests, each in its own KV-cache slot.
+
+    One `step()` admits waiting requests into free slots (prefilled together), decodes one chunk for every running
+    request, samples every row's next K tokens on the device and copies them to the host once.
+    """
+
+    def __init__(
+        self,
+        model: CalmModel,
+        *,
+        max_batch_size: int = 64,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        prompt_padding: str = "right",
+        noise: NoiseFn | None = None,
+        seed: int | None = None,
+    ):
+        if prompt_padding not in PROMPT_PADDING:
+            raise ValueError(f"prompt_padding must be one of {list(PROMPT_PADDING)}, got {prompt_padding!r}")
+        self.model = model
+        self.config = model.config
+        self.patch_size = model.config.patch_size
+        self.prompt_padding = prompt_padding
+        capacity = capacity_for(model.config, max_model_len)
+        self.cache = SlotKVCache(model.config, max_batch_size, capacity, model.device, model.dtype, kv_cache_memory)
+        self.runner = ModelRunner(model, self.cache) if noise is None else ModelRunner(model, self.cache, noise)
+        self.scheduler = Scheduler(max_batch_size)
+        self.requests: dict[str, Request] = {}
+        self._seed_source = random.Random(seed)
+        self._eos_ids = set(model.config.eos_token_ids)
+        self.stats = {"steps": 0, "prefill_rows": 0, "decode_rows": 0, "exact_fallbacks": 0}
+
+    # ---- the step-level API -----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
+        """Queue a request; everything is validated here, before any shared state changes."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.stop and self.model.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        if params.exact_max_pools > MAX_POOLS:
+            raise ValueError(f"exact_max_pools must be at most {MAX_POOLS}, got {params.exact_max_pools}")
+        prompt_ids = self._prompt_ids(prompt)
+        fed = self._pad_prompt(prompt_ids)
+        chunks = len(fed) // self.patch_size
+        if chunks > self.cache.capacity:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens ({chunks} chunks of K={self.patch_size}) is longer than "
+                f"max_model_len ({self.cache.capacity * self.patch_size} tokens)"
+            )
+        seed = params.seed if params.seed is not None else self._seed_source.getrandbits(63)
+        request = Request(request_id, prompt_ids, fed, params, seed, self.patch_size)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a waiting or running request and free its slot; False if it is unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None or request.finished:
+            return False
+        self.scheduler.finish(request, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Generate one chunk for every running request; returns an output for each request that advanced."""
+        running = list(self.scheduler.running.values())
+        admitted = self.scheduler.admit()
+        if not running and not admitted:
+            return []
+        hidden = []
+        if admitted:
+            hidden.append(self._prefill(admitted))
+        if running:
+            hidden.append(self._decode(running))
+        rows = admitted + running
+        patches, fell_back = self.runner.sample_patches(
+            torch.cat(hidden), self._sampling_batch(rows), allow_sync=self.model.device.type == "cpu"
+        )
+        host = torch.cat([patches, fell_back[:, None].to(patches.dtype)], dim=1).tolist()  # the step's one copy
+        self.stats["steps"] += 1
+        self.stats["exact_fallbacks"] += sum(row[-1] for row in host)
+        return [self._advance(request, row[:-1]) for request, row in zip(rows, host)]
+
+    # ---- internals --------------------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.model.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer, and this model has none: pass token ids")
+            ids = self.model.tokenizer.encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            ids = prompt.tolist()
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.config.vocab_size
+        for token in ids:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise ValueError(f"prompt token {token!r} is not an id in the vocabulary [0, {vocab})")
+        return ids
+
+    def _pad_prompt(self, ids: list[int]) -> list[int]:
+        missing = -len(ids) % self.patch_size
+        if not missing:
+            return ids
+        pad = self.config.pad_token_id
+        if pad is None:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, not a multiple of K={self.patch_size}, and the model config has "
+                "no pad_token_id to fill its partial chunk: give a prompt of whole chunks"
+            )
+        return ids + [pad] * missing if self.prompt_padding == "right" else [pad] * missing + ids
+
+    def _prefill(self, requests: list[Request]) -> torch.Tensor:
+        device = self.model.device
+        longest = max(len(r.fed_prompt) for r in requests)
+        pad = self.config.pad_token_id or 0
+        ids = torch.tensor([r.fed_prompt + [pad] * (longest - len(r.fed_prompt)) for r in requests], device=device)
+        lengths = torch.tensor([r.prompt_chunks for r in requests], device=device)
+        slots = torch.tensor([r.slot for r in requests], device=device)
+        self.stats["prefill_rows"] += len(requests)
+        return self.runner.prefill(ids, lengths, slots)
+
+    def _decode(self, requests: list[Request]) -> torch.Tensor:
+        device = self.model.device
+        ids = torch.tensor([r.last_chunk for r in requests], device=device)
+        positions_list = [r.next_position for r in requests]
+        positions = torch.tensor(positions_list, device=device)
+        slots = torch.tensor([r.slot for r in requests], device=device)
+        self.stats["decode_rows"] += len(requests)
+        return self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1)
+
+    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        device = self.model.device
+        samples = max(r.params.samples_per_step for r in requests)
+        per_row = torch.tensor([r.params.samples_per_step for r in requests], device=device)
+        valid = torch.arange(samples, device=device)[None] < per_row[:, None]
+        exact = [
+            r.params.exact_max_pools if r.params.sampler == "exact" and r.params.temperature < 1 else 0
+            for r in requests
+        ]
+        return SamplingBatch(
+            seeds=torch.tensor([r.seed for r in requests], device=device),
+            steps=torch.tensor([r.chunks_done for r in requests], device=device),
+            valid=valid,
+            inv_floor=torch.tensor([r.params.inverse_floor for r in requests], device=device),
+            inv_frac=torch.tensor(
+                [max(0.0, r.params.inverse_temperature - r.params.inverse_floor) for r in requests],
+                device=device,
+                dtype=torch.float64,
+            ),
+            pools=torch.tensor(exact, device=device),
+            max_pools=max(exact),
+        )
+
+    def _advance(self, request: Request, chunk: list[int]) -> RequestOutput:
+        """Apply one sampled chunk on the host: stopping rules, pad stripping, slot release."""
+        params = request.params
+        request.chunks_done += 1
+        request.last_chunk = chunk
+        kept, reason = chunk, None
+        if not params.ignore_eos:
+            hits = [i for i, token in enumerate(chunk) if token in self._eos_ids]
+            if hits:
+                kept, reason = (chunk if params.keep_eos_chunk else chunk[: hits[0] + 1]), "stop"
+        room = params.max_tokens - request.tokens_generated
+        if len(kept) >= room:
+            kept, reason = kept[:room], reason or "length"
+        request.tokens_generated += len(kept)
+        pad = self.config.pad_token_id
+        new_ids = [t for t in kept if t != pad]
+        request.output_ids.extend(new_ids)
+        if reason is None and params.stop:
+            reason = self._apply_stop_strings(request)
+        if reason is None and request.next_position >= self.cache.capacity:
+            reason = "length"  # no room in the cache for the chunk just produced
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+            self.requests.pop(request.request_id, None)
+            if self.model.tokenizer is not None and request.text is None:
+                request.text = self.model.tokenizer.decode([t for t in request.output_ids if t not in self._eos_ids])
+        return RequestOutput(
+            request.request_id,
+            request.prompt_ids,
+            new_ids,
+            list(request.output_ids),
+            request.finished,
+            request.finish_reason,
+            request.text,
+        )
+
+    def _apply_stop_strings(self, request: Request) -> str | None:
+        """Cut the output before the first stop string; ids are cut to the shortest prefix whose text holds it."""
+        tokenizer = self.model.tokenizer
+        text = tokenizer.decode(request.output_ids)
+        cuts = [text.find(s) for s in request.params.stop if s in text]
+        if not cuts:
+            return None
+        request.text = text[: min(cuts)]
+        for end in range(1, len(request.output_ids) + 1):
+            if any(s in tokenizer.decode(request.output_ids[:end]) for s in request.params.stop):
+                del request.output_ids[end:]
+                break
+        return "stop"
+
+
+class LLM:
+    """Offline batched generation: `LLM(path).generate(prompts, SamplingParams(...))`.
+
+    model: a checkpoint directory or a loaded CalmModel. Remaining keywords go to LLMEngine (max_batch_size,
+    max_model_len, kv_cache_memory, prompt_padding, noise, seed).
+    """
+
+    def __init__(self, model: str | CalmModel, *, device="cpu", dtype=torch.float32, tokenizer=None, **engine_options):
+        if not isinstance(model, CalmModel):
+            from calm_engine.model.checkpoint import load
+
+            model = load(model, device=device, dtype=dtype, tokenizer=tokenizer)
+        self.model = model
+        self.engine = LLMEngine(model, **engine_options)
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Iterable[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        if self.engine.has_unfinished_requests():
+            raise RuntimeError("the engine has unfinished requests from the step API; finish or abort them first")
+        ids = [f"generate-{i}" for i in range(len(prompts))]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params_list):
+                self.engine.add_request(request_id, prompt, p)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    results[output.request_id] = output
+        return [results[i] for i in ids]

@@ -1,0 +1,311 @@
+"""ModelRunner: the engine's fast forward passes over a CalmModel's weights, and the sampling step.
+
+The reference model (calm_engine/model) is the specification; this file computes the same functions for the
+engine's batches with fewer, larger operations:
+- the backbone over per-request cache slots (`prefill` of right-padded prompts, `decode` of one chunk per row),
+  with q/k/v and gate/up projections packed into single matmuls (the module parameters become views of the packed
+  tensors, so no weight is stored twice) and a precomputed rotary table;
+- the energy head over a pool of S samples per row, computing the hidden-state embedding and the hidden-state half
+  of every block's first linear once per row instead of S times (`head_pool`);
+- the autoencoder decoder with the vocabulary projection and argmax done in row chunks, so the [M*K, V] logits of
+  a 200-sample pool never exist at once (`decode_argmax`);
+- `sample_patches`: noise -> head -> decode -> likelihood-free choice, on device.
+Every public method has a test against the reference model (tests/engine/test_model_runner.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calm_engine.engine.kv_cache import SlotKVCache
+from calm_engine.engine.sampler import ExactState, approximate_choice, exact_choice
+from calm_engine.model.calm import CalmModel
+from calm_engine.model.layers import ACTIVATION_FUNCTIONS, LAYER_NORM_EPS, RMSNorm
+from calm_engine.model.llama import rotary_cos_sin
+
+# A request's noise counter for step t, pool p and stream s (0: head noise, 1: choice uniforms) is
+# t * COUNTERS_PER_STEP + 2 * p + s, so every draw of every request has its own Philox counter.
+COUNTERS_PER_STEP = 64
+MAX_POOLS = COUNTERS_PER_STEP // 2
+# Row chunk of the vocabulary projection: at most this many logits exist at once.
+LOGITS_PER_CHUNK = 1 << 22
+
+
+@dataclass
+class SamplingBatch:
+    """Device tensors describing how each row of a step samples ([B] unless noted).
+
+    seeds, steps: the request's seed and its generated-chunk index (the noise counter).
+    valid [B, S]: which of the S pool samples a row uses (a T = 1 row uses sample 0 only).
+    inv_floor, inv_frac: n and a of 1/T = n + a.
+    pools: the exact sampler's bound per row; max_pools: its maximum over the batch (0: approximate sampling).
+    """
+
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    valid: torch.Tensor
+    inv_floor: torch.Tensor
+    inv_frac: torch.Tensor
+    pools: torch.Tensor
+    max_pools: int
+
+
+NoiseFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+
+
+def philox_noise(seeds: torch.Tensor, counters: torch.Tensor, samples: int, dim: int) -> torch.Tensor:
+    """The default noise: Philox4x32-10 uniforms on [-0.5, 0.5) keyed by (seed, counter), [R, samples, dim].
+
+    The Triton kernel on CUDA and its bit-identical torch reference elsewhere, so a seed gives the same noise on
+    every device.
+    """
+    from kernels.philox import uniform_noise, uniform_noise_ref
+
+    if seeds.is_cuda:
+        return uniform_noise(seeds, counters, samples, dim)
+    return uniform_noise_ref(seeds, counters, samples, dim)
+
+
+def _pack(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the linears' weights (and biases) and make each module's parameters views into the result."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    has_bias = modules[0].bias is not None
+    bias = torch.cat([m.bias.detach() for m in modules]) if has_bias else None
+    start = 0
+    for m in modules:
+        end = start + m.out_features
+        m.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if has_bias:
+            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
+def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)  # half precision: keep the reference's normalise-in-float32-then-scale order
+
+
+def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class _GatedMLP:
+    """A GatedMLP with gate and up packed into one projection."""
+
+    def __init__(self, mlp, activation: str):
+        self.gate_up_weight, self.gate_up_bias = _pack([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+        self.act = ACTIVATION_FUNCTIONS[activation]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down.weight, self.down.bias)
+
+
+class _Layer:
+    def __init__(self, layer, activation: str):
+        attn = layer.self_attn
+        self.qkv_weight, self.qkv_bias = _pack([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.mlp = _GatedMLP(layer.mlp, activation)
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+
+
+class _HeadBlock:
+    """An MLPBlock whose first linear is split into its noise half (per sample) and hidden half (per row)."""
+
+    def __init__(self, block, channels: int):
+        first, second, third = block.linears[0], block.linears[2], block.linears[4]
+        self.in_ln = block.in_ln
+        self.noise_weight = first.weight.detach()[:, :channels].contiguous()
+        self.hidden_weight = first.weight.detach()[:, channels:].contiguous()
+        self.first_bias = first.bias
+        self.second, self.third, self.down = second, third, block.down_proj
+
+
+class ModelRunner:
+    def __init__(self, model: CalmModel, cache: SlotKVCache, noise: NoiseFn = philox_noise):
+        self.model = model
+        self.config = config = model.config
+        self.cache = cache
+        self.noise = noise
+        self.patch_size = config.patch_size
+        self.layers = [_Layer(layer, config.hidden_act) for layer in model.backbone.layers]
+        positions = torch.arange(cache.capacity, device=model.device)[None]
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_linear_factor, model.dtype)
+        self.rope_cos, self.rope_sin = cos[0], sin[0]
+        head = model.generative_head
+        self.head = head
+        self.head_blocks = [_HeadBlock(b, config.hidden_size) for b in head.mlp_blocks]
+        decoder = model.autoencoder.decoder
+        ae_act = model.autoencoder.config.hidden_act
+        self.decoder = decoder
+        self.decoder_layers = [(layer.layernorm, _GatedMLP(layer.mlp, ae_act)) for layer in decoder.decoder_layers]
+
+    # ---- backbone ---------------------------------------------------------------------------------------------
+
+    def compress(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T*K] -> backbone inputs [B, T, hidden]."""
+        batch = ids.shape[0]
+        proj = self.model.embed_proj
+        x = F.embedding(ids, self.model.backbone.embed_tokens.weight).reshape(
+            batch, ids.shape[1] // self.patch_size, -1
+        )
+        x = F.silu(F.linear(x, proj[0].weight, proj[0].bias))
+        return _layer_norm(F.linear(x, proj[2].weight, proj[2].bias), proj[3])
+
+    def prefill(self, ids: torch.Tensor, chunk_lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Right-padded prompts ids [B, T*K] with chunk_lengths [B] into cache slots [B] -> last real hidden [B, H].
+
+        Positions 0..T-1 of each slot are written (a padded row's tail is garbage that later writes overwrite before
+        anything reads it). Causal attention keeps every real position blind to the padding after it.
+        """
+        config = self.config
+        batch = ids.shape[0]
+        x = self.compress(ids)
+        steps = x.shape[1]
+        cos, sin = self.rope_cos[:steps][:, None], self.rope_sin[:steps][:, None]
+        position_index = torch.arange(steps, device=ids.device)[None]
+        heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm)
+            q, k, v = F.linear(h, layer.qkv_weight, layer.qkv_bias).split(
+                [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1
+            )
+            q = _rotate(q.view(batch, steps, heads, dim), cos, sin)
+            k = _rotate(k.view(batch, steps, kv_heads, dim), cos, sin)
+            v = v.view(batch, steps, kv_heads, dim)
+            self.cache.keys[i][slots[:, None], :, position_index] = k
+            self.cache.values[i][slots[:, None], :, position_index] = v
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+            x = x + F.linear(out.transpose(1, 2).reshape(batch, steps, -1), layer.o_proj.weight, layer.o_proj.bias)
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm))
+        last = x[torch.arange(batch, device=ids.device), chunk_lengths - 1]
+        return _rms_norm(last, self.model.backbone.norm)
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: int) -> torch.Tensor:
+        """One chunk per row: ids [B, K] at chunk positions [B] into slots [B] -> hidden [B, H].
+
+        `attend` bounds the keys read (at least max(positions) + 1; the CUDA graph passes the capacity), the mask
+        keeps each row to its own length.
+        """
+        config = self.config
+        batch = ids.shape[0]
+        x = self.compress(ids)[:, 0]
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        mask = (torch.arange(attend, device=ids.device)[None] <= positions[:, None])[:, None, None]
+        heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm)
+            q, k, v = F.linear(h, layer.qkv_weight, layer.qkv_bias).split(
+                [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1
+            )
+            q = _rotate(q.view(batch, heads, dim), cos, sin)
+            k = _rotate(k.view(batch, kv_heads, dim), cos, sin)
+            keys, values = self.cache.keys[i], self.cache.values[i]
+            keys[slots, :, positions] = k
+            values[slots, :, positions] = v.view(batch, kv_heads, dim)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], keys[:, :, :attend][slots], values[:, :, :attend][slots], attn_mask=mask, enable_gqa=True
+            )
+            x = x + F.linear(out.reshape(batch, -1), layer.o_proj.weight, layer.o_proj.bias)
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm))
+        return _rms_norm(x, self.model.backbone.norm)
+
+    # ---- head and autoencoder ---------------------------------------------------------------------------------
+
+    def head_pool(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H], noise [B, S, noise_size] -> latents [B, S, latent]; per-row work done once per row."""
+        head = self.head
+        condition = _layer_norm(F.linear(hidden, head.hidden_embd.weight, head.hidden_embd.bias), head.norm_hidden)
+        x = _layer_norm(F.linear(noise.to(hidden.dtype), head.noise_embd.weight, head.noise_embd.bias), head.norm_noise)
+        for block in self.head_blocks:
+            row_part = F.linear(condition, block.hidden_weight, block.first_bias)[:, None]
+            y = F.silu(F.linear(_layer_norm(x, block.in_ln), block.noise_weight) + row_part)
+            y = F.silu(F.linear(y, block.second.weight, block.second.bias))
+            gate, up = F.linear(y, block.third.weight, block.third.bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, block.down.weight, block.down.bias)
+        final = head.final_layer.linears
+        y = F.silu(F.linear(_layer_norm(x, head.final_layer.in_ln), final[0].weight, final[0].bias))
+        return F.linear(y, final[2].weight, final[2].bias)
+
+    def decode_argmax(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [M, latent] -> greedy ids [M, K]; the vocabulary projection runs in row chunks."""
+        decoder = self.decoder
+        rows = latents.shape[0]
+        x = F.linear(latents, decoder.latent_to_hidden.weight, decoder.latent_to_hidden.bias)
+        stage = len(self.decoder_layers) // 2
+        for norm, mlp in self.decoder_layers[:stage]:
+            x = x + mlp(_rms_norm(x, norm))
+        x = F.linear(x, decoder.expand_layer.weight, decoder.expand_layer.bias).reshape(rows * self.patch_size, -1)
+        for norm, mlp in self.decoder_layers[stage:]:
+            x = x + mlp(_rms_norm(x, norm))
+        x = _rms_norm(x, decoder.norm)
+        weight = decoder.lm_head_weight
+        chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+        if x.shape[0] <= chunk:
+            ids = F.linear(x, weight).argmax(-1)
+        else:
+            ids = torch.cat([F.linear(part, weight).argmax(-1) for part in x.split(chunk)])
+        return ids.view(rows, self.patch_size)
+
+    # ---- sampling ---------------------------------------------------------------------------------------------
+
+    def sample_pool(self, hidden: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, samples: int):
+        """S head samples per row decoded to patches [B, S, K], with the noise of (seed, counter)."""
+        noise = self.noise(seeds, counters, samples, self.config.noise_size)
+        latents = self.head_pool(hidden, noise)
+        return self.decode_argmax(latents.reshape(-1, latents.shape[-1])).view(hidden.shape[0], samples, -1)
+
+    def choice_uniforms(self, seeds: torch.Tensor, counters: torch.Tensor, samples: int) -> torch.Tensor:
+        return self.noise(seeds, counters + 1, samples, 1)[..., 0] + 0.5
+
+    def sample_patches(
+        self, hidden: torch.Tensor, batch: SamplingBatch, allow_sync: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, H] -> the next patch [B, K] of every row, sampled as each row's parameters say, and [B] bools:
+        rows whose exact sampler hit its bound and fell back to Algorithm 2.
+
+        allow_sync lets the exact sampler stop early when every row has accepted (one host sync per pool; eager CPU
+        only). Without it every pool up to the batch's bound runs, so the step has a fixed shape for CUDA graphs.
+        """
+        base = batch.steps * COUNTERS_PER_STEP
+        samples = batch.valid.shape[1]
+        pool = self.sample_pool(hidden, batch.seeds, base, samples)
+        no_fallback = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        if samples == 1:
+            return pool[:, 0], no_fallback
+        uniforms = self.choice_uniforms(batch.seeds, base, samples)
+        if batch.max_pools == 0:
+            index = approximate_choice(pool, batch.valid, batch.inv_floor, batch.inv_frac, uniforms)
+            return pool[torch.arange(pool.shape[0], device=pool.device), index], no_fallback
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        fallback = pool[rows, approximate_choice(pool, batch.valid, batch.inv_floor, batch.inv_frac, uniforms)]
+        state = ExactState.start(hidden.shape[0], self.patch_size, hidden.device)
+        for p in range(batch.max_pools):
+            if p:
+                counters = base + 2 * p
+                pool = self.sample_pool(hidden, batch.seeds, counters, samples)
+                uniforms = self.choice_uniforms(batch.seeds, counters, samples)
+            live = batch.valid & (p < batch.pools)[:, None]
+            state = exact_choice(state, pool, live, batch.inv_floor, batch.inv_frac, uniforms)
+            if allow_sync and bool(state.done.all()):
+                break
+        # Rows that did not accept within their own bound take Algorithm 2's choice from their first pool.
+        fell_back = ~state.done & (batch.pools > 0)
+        return torch.where(state.done[:, None], state.chosen, fallback), fell_back
