@@ -122,7 +122,7 @@ class LLMEngine:
         host = torch.cat([patches, fell_back[:, None].to(patches.dtype)], dim=1).tolist()  # the step's one copy
         self.stats["steps"] += 1
         self.stats["exact_fallbacks"] += sum(row[-1] for row in host)
-        return [self._advance(request, row[:-1]) for request, row in zip(rows, host)]
+        return [self._advance(request, row[:-1]) for request, row in zip(rows, host, strict=True)]
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -279,7 +279,7 @@ class LLM:
             raise RuntimeError("the engine has unfinished requests from the step API; finish or abort them first")
         ids = [f"generate-{i}" for i in range(len(prompts))]
         try:
-            for request_id, prompt, p in zip(ids, prompts, params_list):
+            for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
                 self.engine.add_request(request_id, prompt, p)
         except Exception:
             for request_id in ids:

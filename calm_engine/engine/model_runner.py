@@ -25,7 +25,7 @@ from torch import nn
 from calm_engine.engine.kv_cache import SlotKVCache
 from calm_engine.engine.sampler import ExactState, approximate_choice, exact_choice
 from calm_engine.model.calm import CalmModel
-from calm_engine.model.layers import ACTIVATION_FUNCTIONS, LAYER_NORM_EPS, RMSNorm
+from calm_engine.model.layers import ACTIVATION_FUNCTIONS, RMSNorm
 from calm_engine.model.llama import rotary_cos_sin
 
 # A request's noise counter for step t, pool p and stream s (0: head noise, 1: choice uniforms) is

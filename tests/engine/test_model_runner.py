@@ -45,16 +45,16 @@ def test_prefill_and_decode_match_reference(shape):
         # Unwritten positions must never count. Finite poison: the SDPA path masks scores, and 0 * NaN would still be
         # NaN; real caches hold zeros or a finished request's finite values there.
         key.fill_(1e3)
-    padded = torch.cat([torch.cat([f[:, : n * k], f[:, : (4 - n) * k]], 1) for f, n in zip(full, lengths)])
+    padded = torch.cat([torch.cat([f[:, : n * k], f[:, : (4 - n) * k]], 1) for f, n in zip(full, lengths, strict=True)])
     hidden = runner.prefill(padded, torch.tensor(lengths), slots)
-    expected = torch.cat([reference.hidden_states(f[:, : n * k])[:, -1] for f, n in zip(full, lengths)])
+    expected = torch.cat([reference.hidden_states(f[:, : n * k])[:, -1] for f, n in zip(full, lengths, strict=True)])
     assert_rel_close(hidden, expected, REL, "prefill hidden")
     for step in range(3):
         positions = torch.tensor(lengths) + step
-        ids = torch.cat([f[:, (n + step) * k : (n + step + 1) * k] for f, n in zip(full, lengths)])
+        ids = torch.cat([f[:, (n + step) * k : (n + step + 1) * k] for f, n in zip(full, lengths, strict=True)])
         hidden = runner.decode(ids, positions, slots, attend=int(positions.max()) + 1)
         expected = torch.cat(
-            [reference.hidden_states(f[:, : (n + step + 1) * k])[:, -1] for f, n in zip(full, lengths)]
+            [reference.hidden_states(f[:, : (n + step + 1) * k])[:, -1] for f, n in zip(full, lengths, strict=True)]
         )
         assert_rel_close(hidden, expected, REL, f"decode step {step} hidden")
 
@@ -64,7 +64,7 @@ def test_decode_touches_only_its_slots():
     before = [t.clone() for t in runner.cache.keys + runner.cache.values]
     ids = random_ids(fast.config, 2, 1)
     runner.decode(ids, torch.tensor([0, 5]), torch.tensor([1, 3]), attend=6)
-    for old, new in zip(before, runner.cache.keys + runner.cache.values):
+    for old, new in zip(before, runner.cache.keys + runner.cache.values, strict=True):
         untouched = [0, 2, 4, 5]
         assert torch.equal(old[untouched], new[untouched])
         assert not torch.equal(old[[1, 3]], new[[1, 3]])

@@ -36,7 +36,7 @@ def test_pool_counts_match_counter():
     valid = torch.rand(4, 37) < 0.8
     counts = pool_counts(patches, valid)
     for row in range(4):
-        seen = Counter(tuple(p) for p, v in zip(patches[row].tolist(), valid[row].tolist()) if v)
+        seen = Counter(tuple(p) for p, v in zip(patches[row].tolist(), valid[row].tolist(), strict=True) if v)
         for j in range(37):
             expected = seen[tuple(patches[row, j].tolist())] if valid[row, j] else 0
             assert counts[row, j] == expected
