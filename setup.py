@@ -9,10 +9,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["calm_engine", "calm_engine.*"]),
+    packages=find_packages(include=["calm_engine", "calm_engine.*", "kernels", "kernels.*"]),
     install_requires=[
         "torch>=2.4",
-        "numpy",
+        "numpy<2.4",  # the version range triton 3.6.0's interpreter (CPU kernel tests) is used with
+        # Fused kernels (kernels/); wheels exist for Linux only, elsewhere the PyTorch references run.
+        "triton==3.6.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tiktoken>=0.7",

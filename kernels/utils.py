@@ -1,0 +1,100 @@
+"""Shared helpers for the kernels: the lazy triton import, launch checks, block sizes and the CALM-M shapes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional: without it every reference still works and every kernel raises a clear error
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by a subprocess test with triton hidden
+    triton = None
+    tl = None
+
+# CALM-M, the shapes the docstring floors are computed for (see ../shared/CALM.md, section 1).
+CALM_M = dict(
+    hidden=1024,
+    intermediate=2752,
+    heads=16,
+    head_dim=64,
+    latent=128,
+    noise=64,
+    mlp_blocks=4,
+    vocab=128256,
+    ae_hidden=512,
+    ae_intermediate=1280,
+    patch=4,
+    samples=200,
+)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _UnavailableKernel:
+    """Stands in for a @triton.jit function when triton is not installed; launching it names the fix."""
+
+    def __init__(self, name: str):
+        self.__name__ = name
+
+    def __getitem__(self, grid):
+        raise RuntimeError(
+            f"kernel {self.__name__} needs triton (pip install triton==3.6.0 on Linux); use the *_ref function instead"
+        )
+
+    def __call__(self, *args, **kwargs):
+        return self[None]
+
+
+def jit(fn):
+    """triton.jit when triton is importable, else a stub that raises when launched (so modules always import)."""
+    if triton is None:
+        return _UnavailableKernel(fn.__name__)
+    return triton.jit(fn)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_launch(kernel, name: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error before a launch that cannot work: no triton, or CPU tensors without the interpreter."""
+    if triton is None or isinstance(kernel, _UnavailableKernel):
+        kernel[None]  # raises the RuntimeError naming the fix
+    on_cpu = any(t.device.type != "cuda" for t in tensors)
+    is_interpreted = type(kernel).__name__ == "InterpretedFunction"
+    if on_cpu and not is_interpreted:
+        raise ValueError(
+            f"{name}: tensors on {tensors[0].device} need the triton interpreter: set TRITON_INTERPRET=1 before "
+            f"importing kernels, or call {name}_ref on CPU"
+        )
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_float(name: str, what: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: {what} must be float32, bfloat16 or float16, got {tensor.dtype}")
+
+
+def check_int(name: str, what: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: {what} must be an int32 or int64 tensor, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name}: {what} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots in full IEEE precision (the references run fp32 without TF32); half types use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a row kernel whose widest tile has `block` elements: one warp per 256 elements, 1 to 16."""
+    return max(1, min(16, block // 256))

@@ -1,0 +1,71 @@
+"""The fused energy head with in-kernel noise == the model's head fed the reference noise of the same seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.energy_head import energy_head, energy_head_ref
+from kernels.philox import uniform_noise_ref
+from tests.conftest import assert_rel_close
+from tests.kernels.conftest import DEVICE, DTYPES, cuda_only, needs_triton, poisoned
+from tests.model_factory import random_calm_model
+
+pytestmark = needs_triton
+
+SHAPES = {  # odd hidden and noise sizes, 2 and 3 blocks, a latent not a power of two
+    "h40-n6-l8": dict(calm=dict(hidden_size=40, noise_size=6)),
+    "h72-n20-l11": dict(calm=dict(hidden_size=72, noise_size=20, num_mlp_layers=3), latent_size=11),
+}
+
+
+def _head(shape, dtype):
+    model = random_calm_model(3, **SHAPES[shape])
+    return model.generative_head.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("rows, samples", [(1, 1), (3, 7), (2, 19)])
+@pytest.mark.parametrize("dtype, rel", DTYPES)
+def test_matches_reference_with_the_same_noise(shape, rows, samples, dtype, rel):
+    head = _head(shape, dtype)
+    hidden = torch.randn(rows, head.hidden_embd.in_features).to(DEVICE, dtype)
+    seeds = torch.tensor([7, 2**33 + 1, -3][:rows], device=DEVICE)
+    steps = torch.tensor([0, 11, 2**32 + 5][:rows], device=DEVICE)
+    latent = head.final_layer.linears[2].out_features
+    out = energy_head(head, hidden, seeds, steps, samples, out=poisoned(rows, samples, latent, dtype=dtype))
+    noise = uniform_noise_ref(seeds.cpu(), steps.cpu(), samples, head.noise_size).to(DEVICE)
+    assert_rel_close(out, energy_head_ref(head, hidden, noise), rel, "latents")
+
+
+def test_samples_differ_and_rows_are_independent_of_the_batch():
+    head = _head("h40-n6-l8", torch.float32)
+    hidden = torch.randn(2, 40, device=DEVICE)
+    seeds, steps = torch.tensor([5, 6], device=DEVICE), torch.tensor([1, 1], device=DEVICE)
+    both = energy_head(head, hidden, seeds, steps, 4)
+    alone = energy_head(head, hidden[1:], seeds[1:], steps[1:], 4)
+    assert torch.equal(both[1], alone[0])  # a row's samples depend on its own seed and step only
+    assert (both[0, 0] - both[0, 1]).abs().max() > 1e-3  # different samples get different noise
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype, rel", [(torch.bfloat16, 4e-2), (torch.float16, 1e-2)])
+def test_calm_m_shapes(dtype, rel):
+    model = random_calm_model(1, calm=dict(hidden_size=1024, noise_size=64, num_mlp_layers=4), latent_size=128)
+    head = model.generative_head.to(DEVICE, dtype)
+    hidden = torch.randn(4, 1024, device=DEVICE, dtype=dtype)
+    seeds, steps = torch.arange(4, device=DEVICE), torch.full((4,), 3, device=DEVICE)
+    out = energy_head(head, hidden, seeds, steps, 200)
+    noise = uniform_noise_ref(seeds.cpu(), steps.cpu(), 200, 64).to(DEVICE)
+    assert_rel_close(out, energy_head_ref(head, hidden, noise), rel, "latents")
+
+
+def test_validation():
+    head = _head("h40-n6-l8", torch.float32)
+    seeds, steps = torch.tensor([1], device=DEVICE), torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="hidden must be"):
+        energy_head(head, torch.randn(1, 39, device=DEVICE), seeds, steps, 2)
+    with pytest.raises(ValueError, match="int64"):
+        energy_head(head, torch.randn(1, 40, device=DEVICE), seeds.int(), steps, 2)
+    with pytest.raises(ValueError, match="samples"):
+        energy_head(head, torch.randn(1, 40, device=DEVICE), seeds, steps, 0)
