@@ -1,0 +1,147 @@
+"""Named benchmark shapes (CalmConfig / AutoencoderConfig fields) and random-weight checkpoints of them.
+
+python -m benchmarks.shapes small OUT_DIR     # writes (or reuses) a random checkpoint in the official layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+# `tests.model_factory` holds the one random-weight recipe; benchmarks run from the repository root or from pytest
+# with only benchmarks/ on sys.path, so make the root importable either way.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from calm_engine.model.calm import CalmModel  # noqa: E402
+from calm_engine.model.checkpoint import save_calm  # noqa: E402
+from calm_engine.model.config import AutoencoderConfig, CalmConfig  # noqa: E402
+from tests.model_factory import randomize_  # noqa: E402
+
+# Positions count chunks: 2048 chunks hold the longest benchmark (prompt 512 + 64 new tokens = 144 chunks of 4).
+MAX_CHUNKS = 2048
+
+# Overhead-bound: every matrix is small, so per-step framework cost dominates the arithmetic.
+SMALL = {
+    "shared": dict(vocab_size=8192, patch_size=4, latent_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "calm": dict(
+        noise_size=64,
+        num_mlp_layers=1,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=MAX_CHUNKS,
+    ),
+    "autoencoder": dict(hidden_size=128, intermediate_size=320, num_encoder_layers=2, num_decoder_layers=2),
+}
+
+# The paper's CALM-M sizes. The released model's vocabulary is Llama-3's 128,256 plus an added [PAD] (128,257, pad
+# 128,256); the benchmark keeps the 128,256 the engine issue names, so pad is a reserved special token instead.
+CALM_M = {
+    "shared": dict(
+        vocab_size=128256,
+        patch_size=4,
+        latent_size=128,
+        pad_token_id=128002,  # <|reserved_special_token_0|>
+        bos_token_id=128000,  # <|begin_of_text|>
+        eos_token_id=128001,  # <|end_of_text|>
+    ),
+    "calm": dict(
+        noise_size=64,
+        num_mlp_layers=4,
+        hidden_size=1024,
+        intermediate_size=2752,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=MAX_CHUNKS,
+    ),
+    "autoencoder": dict(hidden_size=512, intermediate_size=1280, num_encoder_layers=2, num_decoder_layers=2),
+}
+
+SHAPES = {"small": SMALL, "calm_m": CALM_M}
+
+# Written last into a checkpoint directory; its content says which shape, seed and recipe the weights came from.
+STAMP_FILE = "benchmark_shape.json"
+CACHE_ENV = "CALM_BENCH_CACHE"
+
+
+def shape(shape_name: str) -> dict:
+    if shape_name not in SHAPES:
+        raise ValueError(f"unknown benchmark shape {shape_name!r}; known: {sorted(SHAPES)}")
+    return SHAPES[shape_name]
+
+
+def configs(shape_name: str) -> tuple[CalmConfig, AutoencoderConfig]:
+    """The validated CALM and autoencoder configs of a named shape."""
+    fields = shape(shape_name)
+    calm_config = CalmConfig(**fields["shared"], **fields["calm"])
+    ae_config = AutoencoderConfig(**fields["shared"], **fields["autoencoder"])
+    calm_config.validate(f"shape {shape_name}")
+    ae_config.validate(f"shape {shape_name} autoencoder")
+    calm_config.check_autoencoder(ae_config, f"shape {shape_name}")
+    return calm_config, ae_config
+
+
+def _stamp(shape_name: str, seed: int) -> str:
+    calm_config, ae_config = configs(shape_name)
+    # A change to the recipe's source must not reuse weights drawn by the old one.
+    recipe = hashlib.sha256(inspect.getsource(randomize_).encode()).hexdigest()[:16]
+    stamp = {
+        "shape": shape_name,
+        "seed": seed,
+        "recipe": recipe,
+        "calm": calm_config.to_dict(),
+        "autoencoder": ae_config.to_dict(),
+    }
+    return json.dumps(stamp, indent=2, sort_keys=True) + "\n"
+
+
+def write_random_checkpoint(shape_name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """A random-weight CalmModel of `shape_name` saved in the official layout (safetensors) at `out_dir`.
+
+    Reuses `out_dir` when it already holds this shape, seed and recipe; refuses to overwrite a non-empty directory
+    that is not a benchmark checkpoint.
+    """
+    out_dir = Path(out_dir)
+    stamp = _stamp(shape_name, seed)
+    stamp_path = out_dir / STAMP_FILE
+    if stamp_path.is_file() and stamp_path.read_text() == stamp:
+        return out_dir
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not stamp_path.is_file():
+        raise ValueError(f"{out_dir} is not empty and holds no {STAMP_FILE}; refusing to overwrite it")
+    stamp_path.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
+    calm_config, ae_config = configs(shape_name)
+    model = randomize_(CalmModel(calm_config, ae_config), seed).eval().requires_grad_(False)
+    save_calm(model, out_dir, safetensors=True)
+    stamp_path.write_text(stamp)
+    return out_dir
+
+
+def cached_checkpoint(shape_name: str, seed: int = 0, cache_root: str | Path | None = None) -> Path:
+    """write_random_checkpoint into `<cache_root>/<shape>-seed<seed>`; the root defaults to $CALM_BENCH_CACHE, else
+    ~/.cache/calm-engine/bench."""
+    if cache_root is None:
+        cache_root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "calm-engine" / "bench"
+    return write_random_checkpoint(shape_name, Path(cache_root) / f"{shape_name}-seed{seed}", seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write (or reuse) a random-weight checkpoint of a benchmark shape.")
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_random_checkpoint(args.shape, args.out_dir, args.seed))
+
+
+if __name__ == "__main__":
+    main()
