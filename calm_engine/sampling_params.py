@@ -18,6 +18,7 @@ class SamplingParams:
     max_tokens: generated tokens at most; the last chunk is truncated to it.
     seed: makes the request's output reproducible whatever else runs in the batch; None draws a fresh seed.
     stop: strings that end the request; the text is cut before the first one (needs a tokenizer).
+    stop_token_ids: ids that end the request like the end-of-sequence id.
     ignore_eos: keep generating after an end-of-sequence id (benchmarks).
     keep_eos_chunk: keep the ids after the end-of-sequence id inside its chunk, as the official generate does
         (default: the request ends at the end-of-sequence id, which is reported, and the rest is dropped).
@@ -30,6 +31,7 @@ class SamplingParams:
     sampler: str = "approximate"
     exact_max_pools: int = 8
     stop: tuple[str, ...] = field(default=())
+    stop_token_ids: tuple[int, ...] = field(default=())
     ignore_eos: bool = False
     keep_eos_chunk: bool = False
 
@@ -38,6 +40,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids", token, 0)
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 < t <= 1:
             raise ValueError(

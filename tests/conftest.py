@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run under the interpreter where no GPU is present. The switch is read when a kernel is defined,
+# so it is set here, before any test module imports the kernels (the engine imports them too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("CALM_SHARED_DIR", REPO_ROOT.parent / "shared"))
 

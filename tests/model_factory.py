@@ -82,3 +82,20 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
 def random_calm_model(seed: int = 0, ae: dict | None = None, calm: dict | None = None, **shared) -> CalmModel:
     calm_config, ae_config = tiny_configs(ae, calm, **shared)
     return randomize_(CalmModel(calm_config, ae_config), seed).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def context_sensitive_model(seed: int = 0, ae: dict | None = None, calm: dict | None = None, **shared) -> CalmModel:
+    """A random model whose samples depend strongly on the context and vary with the noise.
+
+    With the fixture recipe alone a tiny head barely sees the hidden state (latents move ~1e-3 with the context,
+    ~2e-2 with the noise), so engine tests could not tell one prompt from another. Scaling the head's last linear
+    (x30) and the hidden-state half of each block's first linear (x6) makes both matter, and pools of 200 samples
+    still repeat patches, which temperature sampling needs.
+    """
+    model = random_calm_model(seed, ae, calm, **shared)
+    head = model.generative_head
+    head.final_layer.linears[2].weight.mul_(30)
+    for block in head.mlp_blocks:
+        block.linears[0].weight[:, model.config.hidden_size :].mul_(6)
+    return model

@@ -203,8 +203,9 @@ class LLMEngine:
         request.chunks_done += 1
         request.last_chunk = chunk
         kept, reason = chunk, None
-        if not params.ignore_eos:
-            hits = [i for i, token in enumerate(chunk) if token in self._eos_ids]
+        stop_ids = set(params.stop_token_ids) if params.ignore_eos else self._eos_ids | set(params.stop_token_ids)
+        if stop_ids:
+            hits = [i for i, token in enumerate(chunk) if token in stop_ids]
             if hits:
                 kept, reason = (chunk if params.keep_eos_chunk else chunk[: hits[0] + 1]), "stop"
         room = params.max_tokens - request.tokens_generated

@@ -15,13 +15,9 @@ from tests.conftest import assert_rel_close
 REL_TOL = 1e-4
 
 # Cases (or parts of cases) that need code beyond the model API: the issue that brings each names its test.
+# The engine's parts of the generate and sampler cases are checked in test_engine_conformance.py.
 DEFERRED = {
-    "generate_t1": "output_ids need the engine's generate loop (engine issue); the steps are checked here",
-    "generate_t1_eos": "output_ids need the engine's generate loop (engine issue); the steps are checked here",
-    "generate_t1_unaligned": "output_ids need the engine's generate loop (engine issue); the steps are checked here",
-    "temperature_sampling_t05": "candidate counts and weights belong to the engine's sampler; the pool is checked here",
     "brier": "brier1..4 and the loss belong to the BrierLM issue; latents and targets are checked here",
-    "sampler_stats": "output distributions belong to the engine's sampler (engine issue)",
 }
 CHECKED = {
     "ae_encode",

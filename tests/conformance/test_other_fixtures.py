@@ -24,7 +24,16 @@ OFFICIAL_FIXTURES = Path(__file__).parent / "official_fixtures"
 def run_suite(fixture_dir: Path) -> None:
     env = {**os.environ, "CALM_CONFORMANCE_DIR": str(fixture_dir)}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/conformance/test_conformance.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/conformance/test_conformance.py",
+            "tests/conformance/test_engine_conformance.py",
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
