@@ -37,10 +37,11 @@ def _argmax_projection_kernel(
         for d0 in range(0, D, BLOCK_D):
             d_mask = d0 + ds < D
             h_mask = row_mask[:, None] & d_mask[None, :]
-            h = tl.load(h_ptr + rows[:, None] * stride_hm + (d0 + ds)[None, :], mask=h_mask)
+            h = tl.load(h_ptr + rows[:, None] * stride_hm + (d0 + ds)[None, :], mask=h_mask, other=0.0)
             e = tl.load(
                 e_ptr + cols[None, :].to(tl.int64) * stride_ev + (d0 + ds)[:, None],
                 mask=d_mask[:, None] & v_mask[None, :],
+                other=0.0,
             )
             acc = tl.dot(h, e, acc, input_precision=PRECISION)
         acc = tl.where(v_mask[None, :], acc, float("-inf"))

@@ -16,6 +16,14 @@ from kernels.utils import check_float, check_int, check_launch, dot_precision, j
 
 
 @jit
+def _embed_tile(noise, w_ptr, b_ptr, cols, n_mask, j, j_mask, stride_wn, PRECISION: tl.constexpr):
+    """noise [BLOCK_M, NOISE_P2] @ W[cols, :NOISE]^T + b[cols] in float32; masked weights are zeros (never NaN)."""
+    w = tl.load(w_ptr + cols[None, :] * stride_wn + j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0.0)
+    bias = tl.load(b_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+    return tl.dot(noise, w, input_precision=PRECISION) + bias[None, :]
+
+
+@jit
 def _noise_embed_kernel(
     seeds_ptr, steps_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, out_ptr,
     M, samples, H, NOISE, stride_wn, stride_om, eps,
@@ -40,24 +48,21 @@ def _noise_embed_kernel(
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, H, BLOCK_N):
         n_mask = n0 + cols < H
-        w = tl.load(w_ptr + (n0 + cols)[None, :] * stride_wn + j[:, None], mask=j_mask[:, None] & n_mask[None, :])
-        z = tl.dot(noise, w, input_precision=PRECISION) + tl.load(b_ptr + n0 + cols, mask=n_mask).to(tl.float32)
+        z = _embed_tile(noise, w_ptr, b_ptr, n0 + cols, n_mask, j, j_mask, stride_wn, PRECISION)
         total += tl.sum(tl.where(n_mask[None, :], z, 0.0), axis=1)
     mean = total / H
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, H, BLOCK_N):
         n_mask = n0 + cols < H
-        w = tl.load(w_ptr + (n0 + cols)[None, :] * stride_wn + j[:, None], mask=j_mask[:, None] & n_mask[None, :])
-        z = tl.dot(noise, w, input_precision=PRECISION) + tl.load(b_ptr + n0 + cols, mask=n_mask).to(tl.float32)
+        z = _embed_tile(noise, w_ptr, b_ptr, n0 + cols, n_mask, j, j_mask, stride_wn, PRECISION)
         centred = tl.where(n_mask[None, :], z - mean[:, None], 0.0)
         squares += tl.sum(centred * centred, axis=1)
     rstd = 1.0 / tl.sqrt(squares / H + eps)
     for n0 in range(0, H, BLOCK_N):
         n_mask = n0 + cols < H
-        w = tl.load(w_ptr + (n0 + cols)[None, :] * stride_wn + j[:, None], mask=j_mask[:, None] & n_mask[None, :])
-        z = tl.dot(noise, w, input_precision=PRECISION) + tl.load(b_ptr + n0 + cols, mask=n_mask).to(tl.float32)
-        lnw = tl.load(lnw_ptr + n0 + cols, mask=n_mask).to(tl.float32)
-        lnb = tl.load(lnb_ptr + n0 + cols, mask=n_mask).to(tl.float32)
+        z = _embed_tile(noise, w_ptr, b_ptr, n0 + cols, n_mask, j, j_mask, stride_wn, PRECISION)
+        lnw = tl.load(lnw_ptr + n0 + cols, mask=n_mask, other=0.0).to(tl.float32)
+        lnb = tl.load(lnb_ptr + n0 + cols, mask=n_mask, other=0.0).to(tl.float32)
         y = (z - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :]
         ptrs = out_ptr + rows[:, None] * stride_om + (n0 + cols)[None, :]
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])

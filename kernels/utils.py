@@ -1,4 +1,4 @@
-"""Shared helpers for the kernels: the lazy triton import, launch checks, block sizes and the CALM-M shapes."""
+"""Shared helpers for the kernels: the optional triton import, launch checks, block sizes."""
 
 from __future__ import annotations
 
@@ -12,22 +12,6 @@ try:  # triton is optional: without it every reference still works and every ker
 except ImportError:  # pragma: no cover - exercised by a subprocess test with triton hidden
     triton = None
     tl = None
-
-# CALM-M, the shapes the docstring floors are computed for (see ../shared/CALM.md, section 1).
-CALM_M = dict(
-    hidden=1024,
-    intermediate=2752,
-    heads=16,
-    head_dim=64,
-    latent=128,
-    noise=64,
-    mlp_blocks=4,
-    vocab=128256,
-    ae_hidden=512,
-    ae_intermediate=1280,
-    patch=4,
-    samples=200,
-)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
