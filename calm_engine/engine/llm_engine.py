@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner, EagerCapture, default_buckets
 from calm_engine.engine.kv_cache import SlotKVCache, capacity_for
 from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch
 from calm_engine.engine.request import Request, RequestOutput
@@ -34,8 +35,9 @@ PROMPT_PADDING = ("right", "left")
 class LLMEngine:
     """Continuous batching over up to `max_batch_size` concurrent requests, each in its own KV-cache slot.
 
-    One `step()` admits waiting requests into free slots (prefilled together), decodes one chunk for every running
-    request, samples every row's next K tokens on the device and copies them to the host once.
+    One `step()` admits waiting requests into free slots (prefilled together, eagerly), decodes one chunk for every
+    running request (replayed from a CUDA graph on GPUs), samples every row's next K tokens on the device and copies
+    them to the host once.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class LLMEngine:
         prompt_padding: str = "right",
         noise: NoiseFn | None = None,
         seed: int | None = None,
+        use_cuda_graph: bool | None = None,
+        cuda_graph_buckets: list[int] | None = None,
     ):
         if prompt_padding not in PROMPT_PADDING:
             raise ValueError(f"prompt_padding must be one of {list(PROMPT_PADDING)}, got {prompt_padding!r}")
@@ -59,6 +63,13 @@ class LLMEngine:
         self.cache = SlotKVCache(model.config, max_batch_size, capacity, model.device, model.dtype, kv_cache_memory)
         self.runner = ModelRunner(model, self.cache) if noise is None else ModelRunner(model, self.cache, noise)
         self.scheduler = Scheduler(max_batch_size)
+        if use_cuda_graph is None:
+            use_cuda_graph = model.device.type == "cuda"
+        self.graphs = None
+        if use_cuda_graph:  # on CPU this replays eagerly through the same buffers (tests of the graph runner)
+            capture = CudaGraphCapture() if model.device.type == "cuda" else EagerCapture()
+            buckets = cuda_graph_buckets or default_buckets(max_batch_size)
+            self.graphs = DecodeGraphRunner(self.runner, buckets, capture)
         self.requests: dict[str, Request] = {}
         self._seed_source = random.Random(seed)
         self._eos_ids = set(model.config.eos_token_ids)
@@ -110,15 +121,16 @@ class LLMEngine:
         admitted = self.scheduler.admit()
         if not running and not admitted:
             return []
-        hidden = []
+        cpu = self.model.device.type == "cpu"  # host syncs cost nothing there: the exact sampler may stop early
+        results = []
         if admitted:
-            hidden.append(self._prefill(admitted))
+            hidden = self._prefill(admitted)
+            results.append(self.runner.sample_patches(hidden, self._sampling_batch(admitted), allow_sync=cpu))
         if running:
-            hidden.append(self._decode(running))
+            results.append(self._decode(running, cpu))
         rows = admitted + running
-        patches, fell_back = self.runner.sample_patches(
-            torch.cat(hidden), self._sampling_batch(rows), allow_sync=self.model.device.type == "cpu"
-        )
+        patches = torch.cat([p for p, _ in results])
+        fell_back = torch.cat([f for _, f in results])
         host = torch.cat([patches, fell_back[:, None].to(patches.dtype)], dim=1).tolist()  # the step's one copy
         self.stats["steps"] += 1
         self.stats["exact_fallbacks"] += sum(row[-1] for row in host)
@@ -165,14 +177,19 @@ class LLMEngine:
         self.stats["prefill_rows"] += len(requests)
         return self.runner.prefill(ids, lengths, slots)
 
-    def _decode(self, requests: list[Request]) -> torch.Tensor:
+    def _decode(self, requests: list[Request], cpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the running requests' last chunks and sample their next ones (through a CUDA graph if any)."""
         device = self.model.device
         ids = torch.tensor([r.last_chunk for r in requests], device=device)
         positions_list = [r.next_position for r in requests]
         positions = torch.tensor(positions_list, device=device)
         slots = torch.tensor([r.slot for r in requests], device=device)
+        batch = self._sampling_batch(requests)
         self.stats["decode_rows"] += len(requests)
-        return self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1)
+        if self.graphs is not None and self.graphs.can_run(len(requests)):
+            return self.graphs.run(ids, positions, slots, batch)
+        hidden = self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1)
+        return self.runner.sample_patches(hidden, batch, allow_sync=cpu)
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         device = self.model.device
@@ -253,7 +270,7 @@ class LLM:
     """Offline batched generation: `LLM(path).generate(prompts, SamplingParams(...))`.
 
     model: a checkpoint directory or a loaded CalmModel. Remaining keywords go to LLMEngine (max_batch_size,
-    max_model_len, kv_cache_memory, prompt_padding, noise, seed).
+    max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph, cuda_graph_buckets).
     """
 
     def __init__(self, model: str | CalmModel, *, device="cpu", dtype=torch.float32, tokenizer=None, **engine_options):
