@@ -1,6 +1,37 @@
 """calm-engine: install with `pip install -e .` (install the CPU torch wheel first on CPU machines; see README)."""
 
-from setuptools import find_packages, setup
+import sys
+import warnings
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """csrc/ is an optional speed-up: without a compiler the package installs and the engine uses tensor ops."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as error:  # noqa: BLE001 - any compiler or header problem
+            message = f"calm_engine._calm_cpu was not built ({error}); the engine falls back to tensor ops"
+            warnings.warn(message, stacklevel=1)
+
+
+def calm_cpu_extension() -> Extension:
+    import pybind11
+
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    return Extension(
+        "calm_engine._calm_cpu",
+        ["csrc/calm_cpu.cpp"],
+        include_dirs=[pybind11.get_include()],
+        language="c++",
+        # No fused multiply-add: the noise must round exactly like the kernel and the tensor reference.
+        extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", *openmp],
+        extra_link_args=openmp,
+    )
+
 
 setup(
     name="calm-engine",
@@ -11,7 +42,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["calm_engine", "calm_engine.*", "kernels", "kernels.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "numpy<2.4",  # the version range triton 3.6.0's interpreter (CPU kernel tests) is used with
         # Fused kernels (kernels/); wheels exist for Linux only, elsewhere the PyTorch references run.
         "triton==3.6.0; platform_system == 'Linux'",
@@ -24,5 +55,7 @@ setup(
         # No wheel on PyPI and it cannot build without CUDA: never a hard requirement.
         "flash": ["flash-attn>=2.5"],
     },
+    ext_modules=[calm_cpu_extension()],
+    cmdclass={"build_ext": OptionalBuildExt},
     entry_points={"console_scripts": ["calm=calm_engine.cli:main"]},
 )

@@ -117,7 +117,7 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Generate one chunk for every running request; returns an output for each request that advanced."""
-        running = list(self.scheduler.running.values())
+        running = sorted(self.scheduler.running.values(), key=lambda r: r.slot)  # slot order: see _decode
         admitted = self.scheduler.admit()
         if not running and not admitted:
             return []
@@ -183,12 +183,15 @@ class LLMEngine:
         ids = torch.tensor([r.last_chunk for r in requests], device=device)
         positions_list = [r.next_position for r in requests]
         positions = torch.tensor(positions_list, device=device)
-        slots = torch.tensor([r.slot for r in requests], device=device)
+        slot_list = [r.slot for r in requests]
+        slots = torch.tensor(slot_list, device=device)
+        # Rows in consecutive slots let attention read the cache as a view, without a gather.
+        first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None
         batch = self._sampling_batch(requests)
         self.stats["decode_rows"] += len(requests)
         if self.graphs is not None and self.graphs.can_run(len(requests)):
             return self.graphs.run(ids, positions, slots, batch)
-        hidden = self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1)
+        hidden = self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1, first_slot=first_slot)
         return self.runner.sample_patches(hidden, batch, allow_sync=cpu)
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:

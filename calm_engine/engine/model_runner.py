@@ -27,6 +27,12 @@ from calm_engine.engine.sampler import ExactState, approximate_choice, exact_cho
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.layers import ACTIVATION_FUNCTIONS, RMSNorm
 from calm_engine.model.llama import rotary_cos_sin
+from kernels.philox import uniform_noise, uniform_noise_ref
+
+try:  # the optional C++ helpers of csrc/ (torch is imported first: both ship libgomp)
+    from calm_engine import _calm_cpu
+except ImportError:
+    _calm_cpu = None
 
 # A request's noise counter for step t, pool p and stream s (0: head noise, 1: choice uniforms) is
 # t * COUNTERS_PER_STEP + 2 * p + s, so every draw of every request has its own Philox counter.
@@ -61,13 +67,13 @@ NoiseFn = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 def philox_noise(seeds: torch.Tensor, counters: torch.Tensor, samples: int, dim: int) -> torch.Tensor:
     """The default noise: Philox4x32-10 uniforms on [-0.5, 0.5) keyed by (seed, counter), [R, samples, dim].
 
-    The Triton kernel on CUDA and its bit-identical torch reference elsewhere, so a seed gives the same noise on
-    every device.
+    The Triton kernel on CUDA, the C++ loop of csrc/ on CPU when it is built, else the torch reference; all three
+    are bit-identical, so a seed gives the same noise on every device.
     """
-    from kernels.philox import uniform_noise, uniform_noise_ref
-
     if seeds.is_cuda:
         return uniform_noise(seeds, counters, samples, dim)
+    if _calm_cpu is not None and seeds.device.type == "cpu":
+        return torch.from_numpy(_calm_cpu.philox_uniform(seeds.numpy(), counters.numpy(), samples, dim))
     return uniform_noise_ref(seeds, counters, samples, dim)
 
 
@@ -94,6 +100,14 @@ def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last axis, first index on ties. On CPU through numpy: torch's CPU argmax over a few rows of a
+    large vocabulary is ~20x slower (68 us vs 3.4 us for 4 x 8192 here), and it runs every step."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -198,11 +212,19 @@ class ModelRunner:
         last = x[torch.arange(batch, device=ids.device), chunk_lengths - 1]
         return _rms_norm(last, self.model.backbone.norm)
 
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: int) -> torch.Tensor:
+    def decode(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        attend: int,
+        first_slot: int | None = None,
+    ) -> torch.Tensor:
         """One chunk per row: ids [B, K] at chunk positions [B] into slots [B] -> hidden [B, H].
 
         `attend` bounds the keys read (at least max(positions) + 1; the CUDA graph passes the capacity), the mask
-        keeps each row to its own length.
+        keeps each row to its own length. `first_slot`, when the rows' slots are first_slot, first_slot + 1, ...,
+        lets attention read the cache through a view instead of gathering the rows' keys.
         """
         config = self.config
         batch = ids.shape[0]
@@ -212,16 +234,18 @@ class ModelRunner:
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
-            q, k, v = F.linear(h, layer.qkv_weight, layer.qkv_bias).split(
-                [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1
-            )
-            q = _rotate(q.view(batch, heads, dim), cos, sin)
-            k = _rotate(k.view(batch, kv_heads, dim), cos, sin)
+            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(batch, heads + 2 * kv_heads, dim)
+            qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotate together: half the ops
             keys, values = self.cache.keys[i], self.cache.values[i]
-            keys[slots, :, positions] = k
-            values[slots, :, positions] = v.view(batch, kv_heads, dim)
+            keys[slots, :, positions] = qk[:, heads:]
+            values[slots, :, positions] = qkv[:, heads + kv_heads :]
+            if first_slot is None:
+                past_keys, past_values = keys[:, :, :attend][slots], values[:, :, :attend][slots]
+            else:
+                rows = slice(first_slot, first_slot + batch)
+                past_keys, past_values = keys[rows, :, :attend], values[rows, :, :attend]
             out = F.scaled_dot_product_attention(
-                q[:, :, None], keys[:, :, :attend][slots], values[:, :, :attend][slots], attn_mask=mask, enable_gqa=True
+                qk[:, :heads, None], past_keys, past_values, attn_mask=mask, enable_gqa=True
             )
             x = x + F.linear(out.reshape(batch, -1), layer.o_proj.weight, layer.o_proj.bias)
             x = x + layer.mlp(_rms_norm(x, layer.post_norm))
@@ -259,9 +283,9 @@ class ModelRunner:
         weight = decoder.lm_head_weight
         chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
         if x.shape[0] <= chunk:
-            ids = F.linear(x, weight).argmax(-1)
+            ids = _argmax_rows(F.linear(x, weight))
         else:
-            ids = torch.cat([F.linear(part, weight).argmax(-1) for part in x.split(chunk)])
+            ids = torch.cat([_argmax_rows(F.linear(part, weight)) for part in x.split(chunk)])
         return ids.view(rows, self.patch_size)
 
     # ---- sampling ---------------------------------------------------------------------------------------------
