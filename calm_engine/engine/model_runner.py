@@ -4,7 +4,8 @@ The reference model (calm_engine/model) is the specification; this file computes
 engine's batches with fewer, larger operations:
 - the backbone over per-request cache slots (`prefill` of right-padded prompts, `decode` of one chunk per row),
   with q/k/v and gate/up projections packed into single matmuls (the module parameters become views of the packed
-  tensors, so no weight is stored twice) and a precomputed rotary table;
+  tensors, so no weight is stored twice) and a precomputed rotary table; this part is `BackboneRunner`, which the
+  token-level baseline's runner (token_runner.py) shares;
 - the energy head over a pool of S samples per row, computing the hidden-state embedding and the hidden-state half
   of every block's first linear once per row instead of S times (`head_pool`);
 - the autoencoder decoder with the vocabulary projection and argmax done in row chunks, so the [M*K, V] logits of
@@ -150,8 +151,15 @@ class _HeadBlock:
         self.second, self.third, self.down = second, third, block.down_proj
 
 
-class ModelRunner:
-    def __init__(self, model: CalmModel, cache: SlotKVCache, noise: NoiseFn = philox_noise):
+class BackboneRunner:
+    """The Llama backbone over the engine's cache slots: `prefill` and `decode` -> last hidden state [B, H].
+
+    Shared by every model the engine drives; a subclass says how ids become backbone inputs (`compress`) and how the
+    next ids are sampled from the hidden state (`sample_patches`). model needs `config` (the Llama fields plus
+    patch_size), `backbone` (a LlamaBackbone), `device` and `dtype`.
+    """
+
+    def __init__(self, model: nn.Module, cache: SlotKVCache, noise: NoiseFn = philox_noise):
         self.model = model
         self.config = config = model.config
         self.cache = cache
@@ -161,25 +169,16 @@ class ModelRunner:
         positions = torch.arange(cache.capacity, device=model.device)[None]
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_linear_factor, model.dtype)
         self.rope_cos, self.rope_sin = cos[0], sin[0]
-        head = model.generative_head
-        self.head = head
-        self.head_blocks = [_HeadBlock(b, config.hidden_size) for b in head.mlp_blocks]
-        decoder = model.autoencoder.decoder
-        ae_act = model.autoencoder.config.hidden_act
-        self.decoder = decoder
-        self.decoder_layers = [(layer.layernorm, _GatedMLP(layer.mlp, ae_act)) for layer in decoder.decoder_layers]
-
-    # ---- backbone ---------------------------------------------------------------------------------------------
 
     def compress(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T*K] -> backbone inputs [B, T, hidden]."""
-        batch = ids.shape[0]
-        proj = self.model.embed_proj
-        x = F.embedding(ids, self.model.backbone.embed_tokens.weight).reshape(
-            batch, ids.shape[1] // self.patch_size, -1
-        )
-        x = F.silu(F.linear(x, proj[0].weight, proj[0].bias))
-        return _layer_norm(F.linear(x, proj[2].weight, proj[2].bias), proj[3])
+        raise NotImplementedError
+
+    def sample_patches(
+        self, hidden: torch.Tensor, batch: SamplingBatch, allow_sync: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, H] -> the next patch [B, K] of every row, and [B] bools: rows whose sampler fell back."""
+        raise NotImplementedError
 
     def prefill(self, ids: torch.Tensor, chunk_lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts ids [B, T*K] with chunk_lengths [B] into cache slots [B] -> last real hidden [B, H].
@@ -250,6 +249,30 @@ class ModelRunner:
             x = x + F.linear(out.reshape(batch, -1), layer.o_proj.weight, layer.o_proj.bias)
             x = x + layer.mlp(_rms_norm(x, layer.post_norm))
         return _rms_norm(x, self.model.backbone.norm)
+
+
+class ModelRunner(BackboneRunner):
+    """A CalmModel's backbone (BackboneRunner), input compression, energy head, autoencoder decoder and sampler."""
+
+    def __init__(self, model: CalmModel, cache: SlotKVCache, noise: NoiseFn = philox_noise):
+        super().__init__(model, cache, noise)
+        head = model.generative_head
+        self.head = head
+        self.head_blocks = [_HeadBlock(b, self.config.hidden_size) for b in head.mlp_blocks]
+        decoder = model.autoencoder.decoder
+        ae_act = model.autoencoder.config.hidden_act
+        self.decoder = decoder
+        self.decoder_layers = [(layer.layernorm, _GatedMLP(layer.mlp, ae_act)) for layer in decoder.decoder_layers]
+
+    def compress(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, T*K] -> backbone inputs [B, T, hidden]: each chunk's K embeddings concatenated and compressed."""
+        batch = ids.shape[0]
+        proj = self.model.embed_proj
+        x = F.embedding(ids, self.model.backbone.embed_tokens.weight).reshape(
+            batch, ids.shape[1] // self.patch_size, -1
+        )
+        x = F.silu(F.linear(x, proj[0].weight, proj[0].bias))
+        return _layer_norm(F.linear(x, proj[2].weight, proj[2].bias), proj[3])
 
     # ---- head and autoencoder ---------------------------------------------------------------------------------
 
