@@ -24,7 +24,7 @@ def calm_cpu_extension() -> Extension:
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     return Extension(
         "calm_engine._calm_cpu",
-        ["csrc/calm_cpu.cpp"],
+        ["csrc/calm_cpu.cpp", "csrc/decode_step.cpp"],
         include_dirs=[pybind11.get_include()],
         language="c++",
         # No fused multiply-add: the noise must round exactly like the kernel and the tensor reference.

@@ -1,0 +1,144 @@
+"""CpuDecodeStep: a whole T = 1 decode step of a float32 CALM model in one C++ call (csrc/decode_step.cpp).
+
+For small batches on a CPU the eager step is ~120 PyTorch operations whose dispatch costs about as much as the
+matrix products (benchmarks/RESULTS.md). The C++ step reads the ModelRunner's weights and KV cache in place (numpy
+views, nothing copied) and hands its matrix products to the sgemm of the BLAS inside torch, found at run time.
+The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+import torch
+
+from calm_engine.engine import model_runner
+from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
+
+
+def torch_sgemm_address() -> int | None:
+    """The address of the Fortran-interface sgemm_ that torch's CPU library exports (MKL), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        return ctypes.cast(ctypes.CDLL(str(library)).sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def available(runner: ModelRunner) -> bool:
+    model = runner.model
+    return (
+        model_runner._calm_cpu is not None
+        and hasattr(model_runner._calm_cpu, "DecodeStep")
+        and model.device.type == "cpu"
+        and model.dtype == torch.float32
+        and torch_sgemm_address() is not None
+    )
+
+
+class CpuDecodeStep:
+    def __init__(self, runner: ModelRunner):
+        if not available(runner):
+            raise RuntimeError(
+                "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
+            )
+        self.runner = runner
+        arrays: list = []
+
+        def index(tensor: torch.Tensor | None) -> int:
+            if tensor is None:
+                return -1
+            if not tensor.is_contiguous() or tensor.dtype != torch.float32:
+                raise ValueError("CpuDecodeStep: weights must be contiguous float32")
+            arrays.append(tensor.detach().numpy())  # a view: the step reads the very same memory
+            return len(arrays) - 1
+
+        def linear(module) -> tuple[int, int]:
+            return index(module.weight), index(module.bias)
+
+        def packed(weight, bias) -> tuple[int, int]:
+            return index(weight), index(bias)
+
+        def norm(module) -> tuple[int, int, float]:  # RMSNorm (no bias) or LayerNorm
+            return index(module.weight), index(getattr(module, "bias", None)), float(module.eps)
+
+        model, config, cache = runner.model, runner.config, runner.cache
+        proj = model.embed_proj
+        head = runner.head
+        decoder = runner.decoder
+        ae_config = model.autoencoder.config
+        spec = {
+            "hidden": config.hidden_size,
+            "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "patch": config.patch_size,
+            "noise": config.noise_size,
+            "latent": config.latent_size,
+            "ae_hidden": ae_config.hidden_size,
+            "vocab": config.vocab_size,
+            "capacity": cache.capacity,
+            "slots": cache.slots,
+            "act": config.hidden_act,
+            "ae_act": ae_config.hidden_act,
+            "embed": index(model.backbone.embed_tokens.weight),
+            "compress0": linear(proj[0]),
+            "compress2": linear(proj[2]),
+            "compress_norm": norm(proj[3]),
+            "rope_cos": index(runner.rope_cos),
+            "rope_sin": index(runner.rope_sin),
+            "layers": [
+                {
+                    "input_norm": norm(layer.input_norm),
+                    "qkv": packed(layer.qkv_weight, layer.qkv_bias),
+                    "o": linear(layer.o_proj),
+                    "post_norm": norm(layer.post_norm),
+                    "gate_up": packed(layer.mlp.gate_up_weight, layer.mlp.gate_up_bias),
+                    "down": linear(layer.mlp.down),
+                    "keys": index(cache.keys[i]),
+                    "values": index(cache.values[i]),
+                }
+                for i, layer in enumerate(runner.layers)
+            ],
+            "final_norm": norm(model.backbone.norm),
+            "hidden_embd": linear(head.hidden_embd),
+            "noise_embd": linear(head.noise_embd),
+            "norm_hidden": norm(head.norm_hidden),
+            "norm_noise": norm(head.norm_noise),
+            "head_blocks": [
+                {
+                    "in_ln": norm(block.in_ln),
+                    "noise_half": packed(block.noise_weight, None),
+                    "hidden_half": packed(block.hidden_weight, block.first_bias),
+                    "second": linear(block.second),
+                    "third": linear(block.third),
+                    "down": linear(block.down),
+                }
+                for block in runner.head_blocks
+            ],
+            "final_ln": norm(head.final_layer.in_ln),
+            "final0": linear(head.final_layer.linears[0]),
+            "final2": linear(head.final_layer.linears[2]),
+            "latent_to_hidden": linear(decoder.latent_to_hidden),
+            "expand": linear(decoder.expand_layer),
+            "ae_layers": [
+                {"norm": norm(n), "gate_up": packed(mlp.gate_up_weight, mlp.gate_up_bias), "down": linear(mlp.down)}
+                for n, mlp in runner.decoder_layers
+            ],
+            "ae_norm": norm(decoder.norm),
+            "lm_head": packed(decoder.lm_head_weight, None),
+        }
+        self._step = model_runner._calm_cpu.DecodeStep(torch_sgemm_address(), spec, arrays)
+
+    def run(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor:
+        """ids [B, K] at chunk positions [B] in slots [B] -> the next chunk [B, K], sampled at T = 1 with the
+        noise of (seed, step) exactly as ModelRunner.sample_patches draws it."""
+        noise = self.runner.noise(seeds, steps * COUNTERS_PER_STEP, 1, self.runner.config.noise_size)[:, 0]
+        out = self._step.run(ids.numpy(), positions.numpy(), slots.numpy(), noise.contiguous().numpy())
+        return torch.from_numpy(out)

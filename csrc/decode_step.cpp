@@ -1,0 +1,374 @@
+// DecodeStep: one whole CALM decode step at T = 1 on the CPU in float32, for small batches.
+//
+// Why: at batch 1-8 a step of a small model is ~120 eager PyTorch operations of a few microseconds each, about as
+// much time as its matrix products (measured in benchmarks/RESULTS.md). Here the step is one call: the matrix
+// products go to the sgemm of the BLAS that torch itself links (its address is handed over from Python, so this
+// builds without torch headers), everything between them is plain loops over small rows.
+//
+// Computes what calm_engine/engine/model_runner.py computes (its PyTorch path is the reference in the tests):
+// input compression -> Llama layers over the engine's KV-cache slots -> energy head with the given noise ->
+// autoencoder decoder -> vocabulary projection + argmax (first index on ties).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*);
+
+enum class Activation { kSilu, kGelu, kGeluTanh, kRelu };
+
+Activation parse_activation(const std::string& name) {
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_pytorch_tanh") return Activation::kGeluTanh;
+  if (name == "relu") return Activation::kRelu;
+  throw std::invalid_argument("DecodeStep: unknown activation " + name);
+}
+
+inline float activate(float x, Activation a) {
+  switch (a) {
+    case Activation::kSilu:
+      return x / (1.0f + std::exp(-x));
+    case Activation::kGelu:
+      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case Activation::kRelu:
+      return x > 0.0f ? x : 0.0f;
+  }
+  return x;
+}
+
+// A weight matrix [out, in] (row-major, as nn.Linear stores it) and an optional bias [out].
+struct Linear {
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+  int out = 0, in = 0;
+};
+
+struct Norm {
+  const float* weight = nullptr;
+  const float* bias = nullptr;  // LayerNorm only
+  float eps = 0.0f;
+};
+
+class DecodeStep {
+ public:
+  // `arrays` keeps every buffer alive; `spec` names them (see model_runner.CpuDecodeStep for the layout).
+  DecodeStep(std::uintptr_t sgemm, py::dict spec, py::list arrays) : sgemm_(reinterpret_cast<Sgemm>(sgemm)) {
+    for (auto item : arrays) keep_.push_back(item.cast<FloatArray>());
+    auto i = [&](const char* key) { return spec[key].cast<int>(); };
+    hidden_ = i("hidden"), heads_ = i("heads"), kv_heads_ = i("kv_heads"), head_dim_ = i("head_dim");
+    patch_ = i("patch"), noise_ = i("noise"), latent_ = i("latent"), ae_hidden_ = i("ae_hidden");
+    vocab_ = i("vocab"), capacity_ = i("capacity"), slots_ = i("slots");
+    act_ = parse_activation(spec["act"].cast<std::string>());
+    ae_act_ = parse_activation(spec["ae_act"].cast<std::string>());
+    embed_ = data(i("embed"));
+    compress0_ = linear(spec["compress0"]), compress2_ = linear(spec["compress2"]);
+    compress_norm_ = norm(spec["compress_norm"]);
+    rope_cos_ = data(i("rope_cos")), rope_sin_ = data(i("rope_sin"));
+    for (auto layer : spec["layers"].cast<py::list>()) {
+      auto l = layer.cast<py::dict>();
+      layers_.push_back({norm(l["input_norm"]), linear(l["qkv"]), linear(l["o"]), norm(l["post_norm"]),
+                         linear(l["gate_up"]), linear(l["down"]), mutable_data(l["keys"].cast<int>()),
+                         mutable_data(l["values"].cast<int>())});
+    }
+    final_norm_ = norm(spec["final_norm"]);
+    hidden_embd_ = linear(spec["hidden_embd"]), noise_embd_ = linear(spec["noise_embd"]);
+    norm_hidden_ = norm(spec["norm_hidden"]), norm_noise_ = norm(spec["norm_noise"]);
+    for (auto block : spec["head_blocks"].cast<py::list>()) {
+      auto b = block.cast<py::dict>();
+      blocks_.push_back({norm(b["in_ln"]), linear(b["noise_half"]), linear(b["hidden_half"]), linear(b["second"]),
+                         linear(b["third"]), linear(b["down"])});
+    }
+    final_ln_ = norm(spec["final_ln"]), final0_ = linear(spec["final0"]), final2_ = linear(spec["final2"]);
+    latent_to_hidden_ = linear(spec["latent_to_hidden"]), expand_ = linear(spec["expand"]);
+    for (auto layer : spec["ae_layers"].cast<py::list>()) {
+      auto l = layer.cast<py::dict>();
+      ae_layers_.push_back({norm(l["norm"]), linear(l["gate_up"]), linear(l["down"])});
+    }
+    ae_norm_ = norm(spec["ae_norm"]), lm_head_ = linear(spec["lm_head"]);
+  }
+
+  // ids [B, K], positions [B], slots [B] (int64), noise [B, noise] -> next ids [B, K]. Writes the cache.
+  py::array_t<int64_t> run(py::array_t<int64_t, py::array::c_style> ids, py::array_t<int64_t, py::array::c_style> positions,
+                           py::array_t<int64_t, py::array::c_style> slots, FloatArray noise) {
+    const int batch = static_cast<int>(ids.shape(0));
+    if (ids.ndim() != 2 || ids.shape(1) != patch_ || positions.size() != batch || slots.size() != batch ||
+        noise.ndim() != 2 || noise.shape(0) != batch || noise.shape(1) != noise_) {
+      throw std::invalid_argument("DecodeStep.run: expected ids [B, K], positions [B], slots [B], noise [B, noise]");
+    }
+    const int64_t* id = ids.data();
+    const int64_t* pos = positions.data();
+    const int64_t* slot = slots.data();
+    for (int b = 0; b < batch; ++b) {
+      if (pos[b] < 0 || pos[b] >= capacity_ || slot[b] < 0 || slot[b] > slots_) {
+        throw std::invalid_argument("DecodeStep.run: position or slot out of range");
+      }
+      for (int j = 0; j < patch_; ++j) {
+        if (id[b * patch_ + j] < 0 || id[b * patch_ + j] >= vocab_) throw std::invalid_argument("DecodeStep.run: id");
+      }
+    }
+    py::array_t<int64_t> result({batch, patch_});
+    int64_t* out = result.mutable_data();
+    {
+      py::gil_scoped_release release;
+      const int h = hidden_;
+      std::vector<float> x(batch * h), tmp, tmp2;
+      // Input compression: the chunk's K embeddings side by side -> Linear, SiLU, Linear, LayerNorm.
+      tmp.assign(batch * patch_ * h, 0.0f);
+      for (int b = 0; b < batch; ++b)
+        for (int j = 0; j < patch_; ++j)
+          std::copy_n(embed_ + id[b * patch_ + j] * h, h, tmp.data() + (b * patch_ + j) * h);
+      gemm(compress0_, tmp.data(), batch, tmp2);
+      for (float& v : tmp2) v = activate(v, Activation::kSilu);
+      gemm(compress2_, tmp2.data(), batch, x);
+      layer_norm(compress_norm_, x.data(), batch, h);
+      backbone(x, batch, pos, slot);
+      rms_norm(final_norm_, x.data(), x.data(), batch, h);
+      std::vector<float> latent;
+      head(x, noise.data(), batch, latent);
+      decode_argmax(latent, batch, out);
+    }
+    return result;
+  }
+
+ private:
+  struct Layer {
+    Norm input_norm;
+    Linear qkv, o;
+    Norm post_norm;
+    Linear gate_up, down;
+    float* keys;
+    float* values;
+  };
+  struct Block {
+    Norm in_ln;
+    Linear noise_half, hidden_half, second, third, down;
+  };
+  struct AELayer {
+    Norm norm;
+    Linear gate_up, down;
+  };
+
+  const float* data(int index) const { return keep_.at(index).data(); }
+  float* mutable_data(int index) { return keep_.at(index).mutable_data(); }
+
+  Linear linear(py::handle spec) {
+    auto t = spec.cast<py::tuple>();  // (weight index, bias index or -1)
+    Linear l;
+    const auto& w = keep_.at(t[0].cast<int>());
+    l.weight = w.data(), l.out = static_cast<int>(w.shape(0)), l.in = static_cast<int>(w.shape(1));
+    const int bias = t[1].cast<int>();
+    l.bias = bias >= 0 ? data(bias) : nullptr;
+    return l;
+  }
+
+  Norm norm(py::handle spec) {
+    auto t = spec.cast<py::tuple>();  // (weight index, bias index or -1, eps)
+    Norm n;
+    n.weight = data(t[0].cast<int>());
+    const int bias = t[1].cast<int>();
+    n.bias = bias >= 0 ? data(bias) : nullptr;
+    n.eps = t[2].cast<float>();
+    return n;
+  }
+
+  // out [rows, l.out] = in [rows, l.in] @ weight^T + bias (+ out when accumulate), via the BLAS sgemm.
+  void gemm(const Linear& l, const float* in, int rows, std::vector<float>& out, bool accumulate = false) {
+    if (!accumulate) out.assign(static_cast<size_t>(rows) * l.out, 0.0f);
+    gemm_into(l, in, rows, out.data(), accumulate);
+  }
+
+  void gemm_into(const Linear& l, const float* in, int rows, float* out, bool accumulate) {
+    // Column-major view: out^T [out, rows] = weight [out, in] (stored as in x out column-major, so 'T') @ in^T.
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    sgemm_("T", "N", &l.out, &rows, &l.in, &one, l.weight, &l.in, in, &l.in, &beta, out, &l.out);
+    if (l.bias != nullptr)
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < l.out; ++c) out[static_cast<size_t>(r) * l.out + c] += l.bias[c];
+  }
+
+  static void rms_norm(const Norm& n, const float* in, float* out, int rows, int size) {
+    for (int r = 0; r < rows; ++r) {
+      const float* x = in + static_cast<size_t>(r) * size;
+      float* y = out + static_cast<size_t>(r) * size;
+      float sum = 0.0f;
+      for (int c = 0; c < size; ++c) sum += x[c] * x[c];
+      const float scale = 1.0f / std::sqrt(sum / size + n.eps);
+      for (int c = 0; c < size; ++c) y[c] = n.weight[c] * (x[c] * scale);
+    }
+  }
+
+  static void layer_norm(const Norm& n, float* x, int rows, int size) {
+    for (int r = 0; r < rows; ++r) {
+      float* v = x + static_cast<size_t>(r) * size;
+      float mean = 0.0f, var = 0.0f;
+      for (int c = 0; c < size; ++c) mean += v[c];
+      mean /= size;
+      for (int c = 0; c < size; ++c) var += (v[c] - mean) * (v[c] - mean);
+      const float scale = 1.0f / std::sqrt(var / size + n.eps);
+      for (int c = 0; c < size; ++c) v[c] = (v[c] - mean) * scale * n.weight[c] + n.bias[c];
+    }
+  }
+
+  // x [rows, width] += down(act(gate) * up) of the normed x; gate_up packs gate then up.
+  void gated_mlp(const Norm& norm, const Linear& gate_up, const Linear& down, Activation act, std::vector<float>& x,
+                 int rows, int width) {
+    std::vector<float> normed(x.size()), gu, mixed;
+    rms_norm(norm, x.data(), normed.data(), rows, width);
+    gemm(gate_up, normed.data(), rows, gu);
+    const int inner = gate_up.out / 2;
+    mixed.resize(static_cast<size_t>(rows) * inner);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < inner; ++c) {
+        const float* g = gu.data() + static_cast<size_t>(r) * gate_up.out;
+        mixed[static_cast<size_t>(r) * inner + c] = activate(g[c], act) * g[inner + c];
+      }
+    gemm_into(down, mixed.data(), rows, x.data(), true);
+  }
+
+  void backbone(std::vector<float>& x, int batch, const int64_t* pos, const int64_t* slot) {
+    const int h = hidden_, d = head_dim_, half = d / 2, group = heads_ / kv_heads_;
+    const int width = (heads_ + 2 * kv_heads_) * d;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    std::vector<float> normed(x.size()), qkv, attn(static_cast<size_t>(batch) * heads_ * d), scores(capacity_);
+    std::vector<float> rotated(d);
+    for (auto& layer : layers_) {
+      rms_norm(layer.input_norm, x.data(), normed.data(), batch, h);
+      gemm(layer.qkv, normed.data(), batch, qkv);
+      for (int b = 0; b < batch; ++b) {
+        float* row = qkv.data() + static_cast<size_t>(b) * width;
+        const float* cos = rope_cos_ + pos[b] * d;
+        const float* sin = rope_sin_ + pos[b] * d;
+        for (int head = 0; head < heads_ + kv_heads_; ++head) {  // rotate q and k heads (half-split pairs)
+          float* v = row + head * d;
+          for (int c = 0; c < d; ++c) rotated[c] = v[c] * cos[c] + (c < half ? -v[c + half] : v[c - half]) * sin[c];
+          std::copy(rotated.begin(), rotated.end(), v);
+        }
+        for (int kvh = 0; kvh < kv_heads_; ++kvh) {
+          const size_t at = ((static_cast<size_t>(slot[b]) * kv_heads_ + kvh) * capacity_ + pos[b]) * d;
+          std::copy_n(row + (heads_ + kvh) * d, d, layer.keys + at);
+          std::copy_n(row + (heads_ + kv_heads_ + kvh) * d, d, layer.values + at);
+        }
+        const int length = static_cast<int>(pos[b]) + 1;
+        for (int head = 0; head < heads_; ++head) {
+          const float* q = row + head * d;
+          const size_t base = (static_cast<size_t>(slot[b]) * kv_heads_ + head / group) * capacity_ * d;
+          float top = -INFINITY;
+          for (int t = 0; t < length; ++t) {
+            const float* k = layer.keys + base + static_cast<size_t>(t) * d;
+            float dot = 0.0f;
+            for (int c = 0; c < d; ++c) dot += q[c] * k[c];
+            scores[t] = dot * scale;
+            top = std::max(top, scores[t]);
+          }
+          float total = 0.0f;
+          for (int t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - top));
+          float* o = attn.data() + (static_cast<size_t>(b) * heads_ + head) * d;
+          std::fill_n(o, d, 0.0f);
+          for (int t = 0; t < length; ++t) {
+            const float* v = layer.values + base + static_cast<size_t>(t) * d;
+            const float p = scores[t] / total;
+            for (int c = 0; c < d; ++c) o[c] += p * v[c];
+          }
+        }
+      }
+      gemm_into(layer.o, attn.data(), batch, x.data(), true);
+      gated_mlp(layer.post_norm, layer.gate_up, layer.down, act_, x, batch, h);
+    }
+  }
+
+  void head(const std::vector<float>& hidden, const float* noise, int batch, std::vector<float>& latent) {
+    const int c = hidden_;
+    std::vector<float> condition, z, normed(static_cast<size_t>(batch) * c), row_part, y, y2, gu, mixed;
+    gemm(hidden_embd_, hidden.data(), batch, condition);
+    layer_norm(norm_hidden_, condition.data(), batch, c);
+    gemm(noise_embd_, noise, batch, z);
+    layer_norm(norm_noise_, z.data(), batch, c);
+    for (const auto& block : blocks_) {
+      gemm(block.hidden_half, condition.data(), batch, row_part);  // carries the first linear's bias
+      std::copy(z.begin(), z.end(), normed.begin());
+      layer_norm(block.in_ln, normed.data(), batch, c);
+      y = row_part;
+      gemm_into(block.noise_half, normed.data(), batch, y.data(), true);
+      for (float& v : y) v = activate(v, Activation::kSilu);
+      gemm(block.second, y.data(), batch, y2);
+      for (float& v : y2) v = activate(v, Activation::kSilu);
+      gemm(block.third, y2.data(), batch, gu);
+      mixed.resize(static_cast<size_t>(batch) * c);
+      for (int r = 0; r < batch; ++r)
+        for (int j = 0; j < c; ++j) {
+          const float* g = gu.data() + static_cast<size_t>(r) * 2 * c;
+          mixed[static_cast<size_t>(r) * c + j] = activate(g[j], Activation::kSilu) * g[c + j];
+        }
+      gemm_into(block.down, mixed.data(), batch, z.data(), true);
+    }
+    layer_norm(final_ln_, z.data(), batch, c);
+    gemm(final0_, z.data(), batch, y);
+    for (float& v : y) v = activate(v, Activation::kSilu);
+    gemm(final2_, y.data(), batch, latent);
+  }
+
+  void decode_argmax(const std::vector<float>& latent, int batch, int64_t* out) {
+    const int a = ae_hidden_;
+    std::vector<float> x, expanded, normed, logits;
+    gemm(latent_to_hidden_, latent.data(), batch, x);
+    const size_t stage = ae_layers_.size() / 2;
+    for (size_t i = 0; i < stage; ++i)
+      gated_mlp(ae_layers_[i].norm, ae_layers_[i].gate_up, ae_layers_[i].down, ae_act_, x, batch, a);
+    gemm(expand_, x.data(), batch, expanded);  // [B, K*a] = [B*K, a]
+    const int rows = batch * patch_;
+    for (size_t i = stage; i < ae_layers_.size(); ++i)
+      gated_mlp(ae_layers_[i].norm, ae_layers_[i].gate_up, ae_layers_[i].down, ae_act_, expanded, rows, a);
+    normed.resize(expanded.size());
+    rms_norm(ae_norm_, expanded.data(), normed.data(), rows, a);
+    constexpr int kRowsPerChunk = 16;  // bounds the logits held at once (16 x 128k floats = 8 MB)
+    for (int start = 0; start < rows; start += kRowsPerChunk) {
+      const int count = std::min(kRowsPerChunk, rows - start);
+      gemm(lm_head_, normed.data() + static_cast<size_t>(start) * a, count, logits);
+      for (int r = 0; r < count; ++r) {
+        const float* l = logits.data() + static_cast<size_t>(r) * vocab_;
+        out[start + r] = std::max_element(l, l + vocab_) - l;  // first maximum, as torch.argmax
+      }
+    }
+  }
+
+  Sgemm sgemm_;
+  std::vector<FloatArray> keep_;
+  int hidden_, heads_, kv_heads_, head_dim_, patch_, noise_, latent_, ae_hidden_, vocab_, capacity_, slots_;
+  Activation act_, ae_act_;
+  const float* embed_;
+  Linear compress0_, compress2_;
+  Norm compress_norm_;
+  const float *rope_cos_, *rope_sin_;
+  std::vector<Layer> layers_;
+  Norm final_norm_;
+  Linear hidden_embd_, noise_embd_;
+  Norm norm_hidden_, norm_noise_;
+  std::vector<Block> blocks_;
+  Norm final_ln_;
+  Linear final0_, final2_, latent_to_hidden_, expand_;
+  std::vector<AELayer> ae_layers_;
+  Norm ae_norm_;
+  Linear lm_head_;
+};
+
+}  // namespace
+
+void register_decode_step(py::module_& m) {
+  py::class_<DecodeStep>(m, "DecodeStep")
+      .def(py::init<std::uintptr_t, py::dict, py::list>(), py::arg("sgemm"), py::arg("spec"), py::arg("arrays"))
+      .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"));
+}

@@ -1,0 +1,69 @@
+"""The C++ decode step (csrc/decode_step.cpp) against the ModelRunner's PyTorch path, on odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calm_engine import LLM, SamplingParams
+from calm_engine.engine import cpu_step
+from calm_engine.engine.kv_cache import SlotKVCache
+from calm_engine.engine.model_runner import ModelRunner, SamplingBatch
+from tests.engine.test_model_runner import SHAPES
+from tests.model_factory import context_sensitive_model
+
+pytestmark = pytest.mark.skipif(
+    cpu_step.model_runner._calm_cpu is None or cpu_step.torch_sgemm_address() is None,
+    reason="calm_engine._calm_cpu is not built or torch exports no sgemm_",
+)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cpu_step_matches_the_torch_path(shape):
+    model = context_sensitive_model(seed=len(shape) + 1, **SHAPES[shape])
+    cache = SlotKVCache(model.config, 5, 12, model.device, model.dtype)
+    runner = ModelRunner(model, cache)
+    for tensor in cache.keys + cache.values:
+        tensor.normal_()
+    step = cpu_step.CpuDecodeStep(runner)
+    rows = 4
+    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
+    positions, slots = torch.tensor([3, 0, 11, 6]), torch.tensor([4, 0, 2, 5])  # slot 5: the scratch slot
+    seeds, steps = torch.tensor([5, 2**40, 7, 9]), torch.tensor([0, 3, 8, 1])
+    before = [t.clone() for t in cache.keys + cache.values]
+    hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
+    batch = SamplingBatch(
+        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
+    )  # fmt: skip
+    expected, _ = runner.sample_patches(hidden, batch)
+    torch_cache = [t.clone() for t in cache.keys + cache.values]
+    for tensor, old in zip(cache.keys + cache.values, before, strict=True):
+        tensor.copy_(old)
+    assert torch.equal(step.run(ids, positions, slots, seeds, steps), expected)
+    for tensor, reference in zip(cache.keys + cache.values, torch_cache, strict=True):
+        torch.testing.assert_close(tensor, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_step_rejects_out_of_range_inputs():
+    model = context_sensitive_model(seed=1)
+    runner = ModelRunner(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
+    step = cpu_step.CpuDecodeStep(runner)
+    ids = torch.zeros(1, model.config.patch_size, dtype=torch.long)
+    seeds, steps = torch.tensor([1]), torch.tensor([0])
+    with pytest.raises(ValueError, match="out of range"):
+        step.run(ids, torch.tensor([8]), torch.tensor([0]), seeds, steps)
+    with pytest.raises(ValueError, match="id"):
+        step.run(ids + model.config.vocab_size, torch.tensor([0]), torch.tensor([0]), seeds, steps)
+
+
+def test_engine_output_is_the_same_with_and_without_the_cpu_step():
+    model = context_sensitive_model(seed=8)
+    prompts = [[5, 6, 7], [1] * 9, [8, 9, 10, 11, 12]]
+    params = SamplingParams(max_tokens=14, seed=4, ignore_eos=True)
+    fast = LLM(model, max_batch_size=3, max_model_len=40)
+    assert fast.engine.cpu_step is not None
+    slow = LLM(model, max_batch_size=3, max_model_len=40, use_cpu_step=False)
+    assert [o.token_ids for o in fast.generate(prompts, params)] == [
+        o.token_ids for o in slow.generate(prompts, params)
+    ]
