@@ -28,6 +28,11 @@ from calm_engine.engine.sampler import ExactState, approximate_choice, exact_cho
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.layers import ACTIVATION_FUNCTIONS, RMSNorm
 from calm_engine.model.llama import rotary_cos_sin
+from kernels import triton_available
+from kernels.ae_decode import decode_argmax as decode_argmax_kernel
+from kernels.ae_encode import compress as compress_kernel
+from kernels.decode_attention import decode_attention
+from kernels.energy_head import energy_head
 from kernels.philox import uniform_noise, uniform_noise_ref
 
 try:  # the optional C++ helpers of csrc/ (torch is imported first: both ship libgomp)
@@ -159,11 +164,16 @@ class BackboneRunner:
     patch_size), `backbone` (a LlamaBackbone), `device` and `dtype`.
     """
 
-    def __init__(self, model: nn.Module, cache: SlotKVCache, noise: NoiseFn = philox_noise):
+    def __init__(
+        self, model: nn.Module, cache: SlotKVCache, noise: NoiseFn = philox_noise, use_kernels: bool | None = None
+    ):
         self.model = model
         self.config = config = model.config
         self.cache = cache
         self.noise = noise
+        # The Triton kernels (kernels/) replace their references on CUDA; tests force them on CPU under the
+        # triton interpreter.
+        self.use_kernels = (model.device.type == "cuda" and triton_available()) if use_kernels is None else use_kernels
         self.patch_size = config.patch_size
         self.layers = [_Layer(layer, config.hidden_act) for layer in model.backbone.layers]
         positions = torch.arange(cache.capacity, device=model.device)[None]
@@ -229,7 +239,8 @@ class BackboneRunner:
         batch = ids.shape[0]
         x = self.compress(ids)[:, 0]
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        mask = (torch.arange(attend, device=ids.device)[None] <= positions[:, None])[:, None, None]
+        if not self.use_kernels:
+            mask = (torch.arange(attend, device=ids.device)[None] <= positions[:, None])[:, None, None]
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
@@ -238,14 +249,17 @@ class BackboneRunner:
             keys, values = self.cache.keys[i], self.cache.values[i]
             keys[slots, :, positions] = qk[:, heads:]
             values[slots, :, positions] = qkv[:, heads + kv_heads :]
-            if first_slot is None:
-                past_keys, past_values = keys[:, :, :attend][slots], values[:, :, :attend][slots]
+            if self.use_kernels:  # reads each row's own length: no mask, no gather, graph-capturable
+                out = decode_attention(qk[:, :heads].contiguous(), keys, values, slots, positions + 1, dim**-0.5)
             else:
-                rows = slice(first_slot, first_slot + batch)
-                past_keys, past_values = keys[rows, :, :attend], values[rows, :, :attend]
-            out = F.scaled_dot_product_attention(
-                qk[:, :heads, None], past_keys, past_values, attn_mask=mask, enable_gqa=True
-            )
+                if first_slot is None:
+                    past_keys, past_values = keys[:, :, :attend][slots], values[:, :, :attend][slots]
+                else:
+                    rows = slice(first_slot, first_slot + batch)
+                    past_keys, past_values = keys[rows, :, :attend], values[rows, :, :attend]
+                out = F.scaled_dot_product_attention(
+                    qk[:, :heads, None], past_keys, past_values, attn_mask=mask, enable_gqa=True
+                )
             x = x + F.linear(out.reshape(batch, -1), layer.o_proj.weight, layer.o_proj.bias)
             x = x + layer.mlp(_rms_norm(x, layer.post_norm))
         return _rms_norm(x, self.model.backbone.norm)
@@ -254,8 +268,10 @@ class BackboneRunner:
 class ModelRunner(BackboneRunner):
     """A CalmModel's backbone (BackboneRunner), input compression, energy head, autoencoder decoder and sampler."""
 
-    def __init__(self, model: CalmModel, cache: SlotKVCache, noise: NoiseFn = philox_noise):
-        super().__init__(model, cache, noise)
+    def __init__(
+        self, model: CalmModel, cache: SlotKVCache, noise: NoiseFn = philox_noise, use_kernels: bool | None = None
+    ):
+        super().__init__(model, cache, noise, use_kernels)
         head = model.generative_head
         self.head = head
         self.head_blocks = [_HeadBlock(b, self.config.hidden_size) for b in head.mlp_blocks]
@@ -267,6 +283,11 @@ class ModelRunner(BackboneRunner):
     def compress(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T*K] -> backbone inputs [B, T, hidden]: each chunk's K embeddings concatenated and compressed."""
         batch = ids.shape[0]
+        if self.use_kernels:
+            flat = ids.reshape(-1, self.patch_size)
+            return compress_kernel(self.model.embed_proj, self.model.backbone.embed_tokens.weight, flat).view(
+                batch, flat.shape[0] // batch, -1
+            )
         proj = self.model.embed_proj
         x = F.embedding(ids, self.model.backbone.embed_tokens.weight).reshape(
             batch, ids.shape[1] // self.patch_size, -1
@@ -294,6 +315,8 @@ class ModelRunner(BackboneRunner):
     def decode_argmax(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [M, latent] -> greedy ids [M, K]; the vocabulary projection runs in row chunks."""
         decoder = self.decoder
+        if self.use_kernels:
+            return decode_argmax_kernel(decoder, latents)[0]
         rows = latents.shape[0]
         x = F.linear(latents, decoder.latent_to_hidden.weight, decoder.latent_to_hidden.bias)
         stage = len(self.decoder_layers) // 2
@@ -315,8 +338,10 @@ class ModelRunner(BackboneRunner):
 
     def sample_pool(self, hidden: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, samples: int):
         """S head samples per row decoded to patches [B, S, K], with the noise of (seed, counter)."""
-        noise = self.noise(seeds, counters, samples, self.config.noise_size)
-        latents = self.head_pool(hidden, noise)
+        if self.use_kernels and self.noise is philox_noise:  # the fused head draws the same noise in-kernel
+            latents = energy_head(self.head, hidden, seeds, counters, samples)
+        else:
+            latents = self.head_pool(hidden, self.noise(seeds, counters, samples, self.config.noise_size))
         return self.decode_argmax(latents.reshape(-1, latents.shape[-1])).view(hidden.shape[0], samples, -1)
 
     def choice_uniforms(self, seeds: torch.Tensor, counters: torch.Tensor, samples: int) -> torch.Tensor:
