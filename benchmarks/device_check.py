@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository: calm_engine, tests.model_factory
 from kernel_cases import FACTORIES, floors  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,7 +88,54 @@ def kernel_check(op: str) -> Callable[[Context], list[Row]]:
     return check
 
 
-CHECKS: list[Callable[[Context], list[Row]]] = [kernel_check(op) for op in FACTORIES]
+def engine_graph_check(ctx: Context) -> list[Row]:
+    """CUDA-graph decode steps of a random CALM-M model (bf16): replay equals the eager step bit for bit in every
+    bucket, and the time per step at batch 1, 8 and 64 (T = 1) with and without the graph."""
+    from shapes import configs
+
+    from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner
+    from calm_engine.engine.kv_cache import SlotKVCache
+    from calm_engine.engine.model_runner import ModelRunner, SamplingBatch
+    from calm_engine.model.calm import CalmModel
+    from tests.model_factory import randomize_
+
+    calm_config, ae_config = configs("calm_m")
+    model = randomize_(CalmModel(calm_config, ae_config), 0).to(ctx.device, torch.bfloat16).eval()
+    cache = SlotKVCache(model.config, 64, 256, model.device, model.dtype)
+    runner = ModelRunner(model, cache)
+    graphs = DecodeGraphRunner(runner, [1, 8, 64], CudaGraphCapture())
+    rows = []
+    for batch in (1, 8, 64):
+        try:
+            generator = torch.Generator(device=ctx.device).manual_seed(batch)
+            ids = torch.randint(0, calm_config.vocab_size, (batch, calm_config.patch_size), device=ctx.device)
+            positions = torch.randint(0, 200, (batch,), device=ctx.device, generator=generator)
+            slots = torch.randperm(64, device=ctx.device)[:batch]
+            sampling = SamplingBatch(
+                torch.arange(batch, device=ctx.device) + 7, torch.zeros(batch, dtype=torch.long, device=ctx.device),
+                torch.ones(batch, 1, dtype=torch.bool, device=ctx.device),
+                torch.ones(batch, dtype=torch.long, device=ctx.device),
+                torch.zeros(batch, dtype=torch.float64, device=ctx.device),
+                torch.zeros(batch, dtype=torch.long, device=ctx.device), 0,
+            )  # fmt: skip
+
+            def eager(ids=ids, positions=positions, slots=slots, sampling=sampling):
+                hidden = runner.decode(ids, positions, slots, cache.capacity)
+                return runner.sample_patches(hidden, sampling)[0]
+
+            expected = eager()
+            replayed = graphs.run(ids, positions, slots, sampling)[0]
+            error = None if torch.equal(replayed, expected) else "graph replay differs from the eager step"
+            graph_time = bench(lambda: graphs.run(ids, positions, slots, sampling))  # noqa: B023
+            eager_time = bench(eager)
+            rows.append(Row("engine_decode_step", f"CALM-M B={batch} T=1", "bfloat16", graph_time, None,
+                            eager_time / graph_time, error, "CUDA graph vs eager"))  # fmt: skip
+        except Exception as exc:
+            rows.append(Row("engine_decode_step", f"B={batch}", "bfloat16", error=f"{type(exc).__name__}: {exc}"[:160]))
+    return rows
+
+
+CHECKS: list[Callable[[Context], list[Row]]] = [kernel_check(op) for op in FACTORIES] + [engine_graph_check]
 
 
 def print_table(rows: list[Row]) -> None:

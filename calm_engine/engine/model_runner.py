@@ -29,11 +29,10 @@ from calm_engine.model.calm import CalmModel
 from calm_engine.model.layers import ACTIVATION_FUNCTIONS, RMSNorm
 from calm_engine.model.llama import rotary_cos_sin
 from kernels import triton_available
-from kernels.ae_decode import decode_argmax as decode_argmax_kernel
-from kernels.ae_encode import compress as compress_kernel
-from kernels.decode_attention import decode_attention
-from kernels.energy_head import energy_head
 from kernels.philox import uniform_noise, uniform_noise_ref
+
+# The other kernel modules are imported where they are used: they import calm_engine.model themselves, and
+# importing them here would make `import kernels.ae_decode` (first) and `import calm_engine` circular.
 
 try:  # the optional C++ helpers of csrc/ (torch is imported first: both ship libgomp)
     from calm_engine import _calm_cpu
@@ -250,7 +249,11 @@ class BackboneRunner:
             keys[slots, :, positions] = qk[:, heads:]
             values[slots, :, positions] = qkv[:, heads + kv_heads :]
             if self.use_kernels:  # reads each row's own length: no mask, no gather, graph-capturable
-                out = decode_attention(qk[:, :heads].contiguous(), keys, values, slots, positions + 1, dim**-0.5)
+                from kernels import decode_attention
+
+                out = decode_attention.decode_attention(
+                    qk[:, :heads].contiguous(), keys, values, slots, positions + 1, dim**-0.5
+                )
             else:
                 if first_slot is None:
                     past_keys, past_values = keys[:, :, :attend][slots], values[:, :, :attend][slots]
@@ -284,8 +287,10 @@ class ModelRunner(BackboneRunner):
         """ids [B, T*K] -> backbone inputs [B, T, hidden]: each chunk's K embeddings concatenated and compressed."""
         batch = ids.shape[0]
         if self.use_kernels:
+            from kernels import ae_encode
+
             flat = ids.reshape(-1, self.patch_size)
-            return compress_kernel(self.model.embed_proj, self.model.backbone.embed_tokens.weight, flat).view(
+            return ae_encode.compress(self.model.embed_proj, self.model.backbone.embed_tokens.weight, flat).view(
                 batch, flat.shape[0] // batch, -1
             )
         proj = self.model.embed_proj
@@ -316,7 +321,9 @@ class ModelRunner(BackboneRunner):
         """latents [M, latent] -> greedy ids [M, K]; the vocabulary projection runs in row chunks."""
         decoder = self.decoder
         if self.use_kernels:
-            return decode_argmax_kernel(decoder, latents)[0]
+            from kernels import ae_decode
+
+            return ae_decode.decode_argmax(decoder, latents)[0]
         rows = latents.shape[0]
         x = F.linear(latents, decoder.latent_to_hidden.weight, decoder.latent_to_hidden.bias)
         stage = len(self.decoder_layers) // 2
@@ -339,7 +346,9 @@ class ModelRunner(BackboneRunner):
     def sample_pool(self, hidden: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor, samples: int):
         """S head samples per row decoded to patches [B, S, K], with the noise of (seed, counter)."""
         if self.use_kernels and self.noise is philox_noise:  # the fused head draws the same noise in-kernel
-            latents = energy_head(self.head, hidden, seeds, counters, samples)
+            from kernels import energy_head
+
+            latents = energy_head.energy_head(self.head, hidden, seeds, counters, samples)
         else:
             latents = self.head_pool(hidden, self.noise(seeds, counters, samples, self.config.noise_size))
         return self.decode_argmax(latents.reshape(-1, latents.shape[-1])).view(hidden.shape[0], samples, -1)
