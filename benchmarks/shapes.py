@@ -1,6 +1,8 @@
-"""Named benchmark shapes (CalmConfig / AutoencoderConfig fields) and random-weight checkpoints of them.
+"""Named benchmark shapes (CalmConfig / AutoencoderConfig fields, or TokenLlamaConfig fields for the token-level
+baselines `<shape>_token`) and random-weight checkpoints of them.
 
 python -m benchmarks.shapes small OUT_DIR     # writes (or reuses) a random checkpoint in the official layout
+python -m benchmarks.shapes small_token OUT_DIR   # the K = 1 baseline of the same backbone, a LlamaForCausalLM folder
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from calm_engine.model.calm import CalmModel  # noqa: E402
 from calm_engine.model.checkpoint import save_calm  # noqa: E402
-from calm_engine.model.config import AutoencoderConfig, CalmConfig  # noqa: E402
+from calm_engine.model.config import AutoencoderConfig, CalmConfig, TokenLlamaConfig  # noqa: E402
+from calm_engine.model.token_llama import TokenLlama, save_token_llama  # noqa: E402
 from tests.model_factory import randomize_  # noqa: E402
 
 # Positions count chunks: 2048 chunks hold the longest benchmark (prompt 512 + 64 new tokens = 144 chunks of 4).
@@ -67,7 +70,29 @@ CALM_M = {
     "autoencoder": dict(hidden_size=512, intermediate_size=1280, num_encoder_layers=2, num_decoder_layers=2),
 }
 
-SHAPES = {"small": SMALL, "calm_m": CALM_M}
+# A token model's positions count tokens: the same 8,192-token context as a K = 4 CALM model of MAX_CHUNKS.
+MAX_TOKENS = 4 * MAX_CHUNKS
+BACKBONE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+TOKEN_ID_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def token_shape(calm_shape: dict) -> dict:
+    """The token-level baseline of a CALM shape (issue 3, 8c): the same backbone and vocabulary, K = 1, an LM head."""
+    backbone = {name: calm_shape["calm"][name] for name in BACKBONE_FIELDS}
+    token_ids = {name: calm_shape["shared"][name] for name in TOKEN_ID_FIELDS}
+    return {"token": dict(**backbone, **token_ids, max_position_embeddings=MAX_TOKENS)}
+
+
+SMALL_TOKEN = token_shape(SMALL)
+CALM_M_TOKEN = token_shape(CALM_M)
+
+SHAPES = {"small": SMALL, "calm_m": CALM_M, "small_token": SMALL_TOKEN, "calm_m_token": CALM_M_TOKEN}
 
 # Written last into a checkpoint directory; its content says which shape, seed and recipe the weights came from.
 STAMP_FILE = "benchmark_shape.json"
@@ -80,8 +105,23 @@ def shape(shape_name: str) -> dict:
     return SHAPES[shape_name]
 
 
+def is_token_shape(shape_name: str) -> bool:
+    return "token" in shape(shape_name)
+
+
+def token_config(shape_name: str) -> TokenLlamaConfig:
+    """The validated config of a token-level shape."""
+    if not is_token_shape(shape_name):
+        raise ValueError(f"{shape_name!r} is a CALM shape; token-level shapes: {_names(token=True)}")
+    config = TokenLlamaConfig(**shape(shape_name)["token"])
+    config.validate(f"shape {shape_name}")
+    return config
+
+
 def configs(shape_name: str) -> tuple[CalmConfig, AutoencoderConfig]:
     """The validated CALM and autoencoder configs of a named shape."""
+    if is_token_shape(shape_name):
+        raise ValueError(f"{shape_name!r} is a token-level shape (see token_config); CALM: {_names(token=False)}")
     fields = shape(shape_name)
     calm_config = CalmConfig(**fields["shared"], **fields["calm"])
     ae_config = AutoencoderConfig(**fields["shared"], **fields["autoencoder"])
@@ -91,22 +131,25 @@ def configs(shape_name: str) -> tuple[CalmConfig, AutoencoderConfig]:
     return calm_config, ae_config
 
 
+def _names(token: bool) -> list[str]:
+    return sorted(name for name in SHAPES if is_token_shape(name) == token)
+
+
 def _stamp(shape_name: str, seed: int) -> str:
-    calm_config, ae_config = configs(shape_name)
     # A change to the recipe's source must not reuse weights drawn by the old one.
     recipe = hashlib.sha256(inspect.getsource(randomize_).encode()).hexdigest()[:16]
-    stamp = {
-        "shape": shape_name,
-        "seed": seed,
-        "recipe": recipe,
-        "calm": calm_config.to_dict(),
-        "autoencoder": ae_config.to_dict(),
-    }
+    stamp = {"shape": shape_name, "seed": seed, "recipe": recipe}
+    if is_token_shape(shape_name):
+        stamp["token_llama"] = token_config(shape_name).to_dict()
+    else:
+        calm_config, ae_config = configs(shape_name)
+        stamp.update(calm=calm_config.to_dict(), autoencoder=ae_config.to_dict())
     return json.dumps(stamp, indent=2, sort_keys=True) + "\n"
 
 
 def write_random_checkpoint(shape_name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """A random-weight CalmModel of `shape_name` saved in the official layout (safetensors) at `out_dir`.
+    """A random-weight CalmModel of `shape_name` saved in the official layout (safetensors) at `out_dir`, or for a
+    token-level shape a random TokenLlama in the Hugging Face Llama layout.
 
     Reuses `out_dir` when it already holds this shape, seed and recipe; refuses to overwrite a non-empty directory
     that is not a benchmark checkpoint.
@@ -119,9 +162,12 @@ def write_random_checkpoint(shape_name: str, out_dir: str | Path, seed: int = 0)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not stamp_path.is_file():
         raise ValueError(f"{out_dir} is not empty and holds no {STAMP_FILE}; refusing to overwrite it")
     stamp_path.unlink(missing_ok=True)  # an interrupted rewrite must not look complete
-    calm_config, ae_config = configs(shape_name)
-    model = randomize_(CalmModel(calm_config, ae_config), seed).eval().requires_grad_(False)
-    save_calm(model, out_dir, safetensors=True)
+    if is_token_shape(shape_name):
+        save_token_llama(randomize_(TokenLlama(token_config(shape_name)), seed), out_dir)
+    else:
+        calm_config, ae_config = configs(shape_name)
+        model = randomize_(CalmModel(calm_config, ae_config), seed).eval().requires_grad_(False)
+        save_calm(model, out_dir, safetensors=True)
     stamp_path.write_text(stamp)
     return out_dir
 

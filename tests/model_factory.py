@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from calm_engine.model.calm import CalmModel
-from calm_engine.model.config import AutoencoderConfig, CalmConfig
+from calm_engine.model.config import AutoencoderConfig, CalmConfig, TokenLlamaConfig
+from calm_engine.model.token_llama import TokenLlama
 
 TINY_AE = dict(vocab_size=97, patch_size=4, latent_size=8, hidden_size=24, intermediate_size=40)
 TINY_CALM = dict(
@@ -20,6 +21,21 @@ TINY_CALM = dict(
     latent_size=8,
     noise_size=6,
     num_mlp_layers=2,
+    hidden_size=32,
+    intermediate_size=56,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+# The token-level baseline with TINY_CALM's backbone.
+TINY_TOKEN_LLAMA = dict(
+    vocab_size=97,
     hidden_size=32,
     intermediate_size=56,
     num_hidden_layers=2,
@@ -49,7 +65,9 @@ def tiny_configs(ae: dict | None = None, calm: dict | None = None, **shared) -> 
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Overwrite every parameter of a CalmModel or Autoencoder with the fixture recipe's random values."""
+    """Overwrite every parameter of a CalmModel, Autoencoder or TokenLlama with the fixture recipe's random values.
+
+    A TokenLlama's lm_head is a linear like any other; tied, it comes after the embedding and sets both."""
     generator = torch.Generator().manual_seed(seed)
 
     def normal(shape, std, mean=0.0):
@@ -99,3 +117,10 @@ def context_sensitive_model(seed: int = 0, ae: dict | None = None, calm: dict | 
     for block in head.mlp_blocks:
         block.linears[0].weight[:, model.config.hidden_size :].mul_(6)
     return model
+
+
+def random_token_llama(seed: int = 0, **overrides) -> TokenLlama:
+    """A random token-level Llama: TINY_TOKEN_LLAMA's fields with `overrides`, weights by the fixture recipe."""
+    config = TokenLlamaConfig(**{**TINY_TOKEN_LLAMA, **overrides})
+    config.validate()
+    return randomize_(TokenLlama(config), seed).eval().requires_grad_(False)

@@ -12,6 +12,10 @@ partial chunk of the prompt with the pad id on the right, feeds the pads like to
 output. "left" pads the first chunk on the left instead, so the prompt's last real token is the last thing the model
 reads before generating (the pads then sit where a document boundary would). Generated pad ids are fed back but not
 reported, as the official generate does.
+
+A token-level Llama (model/token_llama.py, the K = 1 baseline) runs through the same engine with a TokenModelRunner:
+chunks are single tokens, and every step samples one token per request at its temperature (Gumbel-max over the
+logits); SamplingParams' num_samples, sampler and exact_max_pools do not apply to it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from calm_engine.engine.kv_cache import SlotKVCache, capacity_for
 from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch
 from calm_engine.engine.request import Request, RequestOutput
 from calm_engine.engine.scheduler import Scheduler
+from calm_engine.engine.token_runner import TokenModelRunner
 from calm_engine.model.calm import CalmModel
+from calm_engine.model.token_llama import TokenLlama
 from calm_engine.sampling_params import SamplingParams
 
 PROMPT_PADDING = ("right", "left")
@@ -42,7 +48,7 @@ class LLMEngine:
 
     def __init__(
         self,
-        model: CalmModel,
+        model: CalmModel | TokenLlama,
         *,
         max_batch_size: int = 64,
         max_model_len: int | None = None,
@@ -61,7 +67,8 @@ class LLMEngine:
         self.prompt_padding = prompt_padding
         capacity = capacity_for(model.config, max_model_len)
         self.cache = SlotKVCache(model.config, max_batch_size, capacity, model.device, model.dtype, kv_cache_memory)
-        self.runner = ModelRunner(model, self.cache) if noise is None else ModelRunner(model, self.cache, noise)
+        runner_class = TokenModelRunner if isinstance(model, TokenLlama) else ModelRunner
+        self.runner = runner_class(model, self.cache) if noise is None else runner_class(model, self.cache, noise)
         self.scheduler = Scheduler(max_batch_size)
         if use_cuda_graph is None:
             use_cuda_graph = model.device.type == "cuda"
@@ -272,12 +279,21 @@ class LLMEngine:
 class LLM:
     """Offline batched generation: `LLM(path).generate(prompts, SamplingParams(...))`.
 
-    model: a checkpoint directory or a loaded CalmModel. Remaining keywords go to LLMEngine (max_batch_size,
-    max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph, cuda_graph_buckets).
+    model: a checkpoint directory (CALM or token-level Llama) or a loaded CalmModel / TokenLlama. Remaining keywords
+    go to LLMEngine (max_batch_size, max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph,
+    cuda_graph_buckets).
     """
 
-    def __init__(self, model: str | CalmModel, *, device="cpu", dtype=torch.float32, tokenizer=None, **engine_options):
-        if not isinstance(model, CalmModel):
+    def __init__(
+        self,
+        model: str | CalmModel | TokenLlama,
+        *,
+        device="cpu",
+        dtype=torch.float32,
+        tokenizer=None,
+        **engine_options,
+    ):
+        if not isinstance(model, (CalmModel, TokenLlama)):
             from calm_engine.model.checkpoint import load
 
             model = load(model, device=device, dtype=dtype, tokenizer=tokenizer)

@@ -18,6 +18,23 @@ from calm_engine.model.energy_head import EnergyHead
 from calm_engine.model.llama import KVCache, LlamaBackbone
 
 
+def check_backbone_input(config, ids: torch.Tensor, cache: KVCache | None) -> None:
+    """Chunk-aligned ids [B, n*K] that fit the model's context and, if given, the cache they continue."""
+    check_token_ids(ids, config.vocab_size, config.patch_size)
+    chunks = ids.shape[1] // config.patch_size
+    start = 0 if cache is None else cache.length
+    if start + chunks > config.max_chunks:
+        raise ValueError(
+            f"{start + chunks} chunks exceed the model's context of {config.max_chunks} chunks "
+            f"({config.max_chunks * config.patch_size} tokens)"
+        )
+    if cache is not None:
+        if cache.batch_size != ids.shape[0]:
+            raise ValueError(f"cache holds {cache.batch_size} sequences but ids has {ids.shape[0]} rows")
+        if start + chunks > cache.capacity:
+            raise ValueError(f"{start + chunks} chunks exceed the cache capacity of {cache.capacity}")
+
+
 class CalmModel(nn.Module):
     def __init__(self, config: CalmConfig, ae_config: AutoencoderConfig):
         super().__init__()
@@ -55,19 +72,7 @@ class CalmModel(nn.Module):
 
         With a cache the ids continue the cached sequences (positions start at cache.length) and are appended.
         """
-        check_token_ids(ids, self.config.vocab_size, self.config.patch_size)
-        chunks = ids.shape[1] // self.config.patch_size
-        start = 0 if cache is None else cache.length
-        if start + chunks > self.config.max_chunks:
-            raise ValueError(
-                f"{start + chunks} chunks exceed the model's context of {self.config.max_chunks} chunks "
-                f"({self.config.max_chunks * self.config.patch_size} tokens)"
-            )
-        if cache is not None:
-            if cache.batch_size != ids.shape[0]:
-                raise ValueError(f"cache holds {cache.batch_size} sequences but ids has {ids.shape[0]} rows")
-            if start + chunks > cache.capacity:
-                raise ValueError(f"{start + chunks} chunks exceed the cache capacity of {cache.capacity}")
+        check_backbone_input(self.config, ids, cache)
         return self.backbone(self.compress(ids), cache)
 
     def sample_latent(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +26,9 @@ from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.config import AutoencoderConfig, CalmConfig
 from calm_engine.tokenizer import find_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from calm_engine.model.token_llama import TokenLlama
 
 SAFETENSORS_FILE = "model.safetensors"
 PICKLE_FILE = "pytorch_model.bin"
@@ -59,8 +63,9 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     tokenizer: str | Path | None = None,
-) -> CalmModel:
-    """Load an official-layout CALM checkpoint directory as an inference-ready CalmModel (eval, no grads).
+) -> CalmModel | TokenLlama:
+    """Load an official-layout CALM checkpoint directory as an inference-ready CalmModel (eval, no grads), or a
+    Hugging Face `LlamaForCausalLM` one (the token-level baseline) as a TokenLlama (model/token_llama.py).
 
     The autoencoder comes from the checkpoint's own `ae_model.*` weights when present, else from `ae_path`, else
     from the config's `ae_path` (tried relative to the checkpoint's parent, the checkpoint, the working directory).
@@ -69,6 +74,12 @@ def load(
     """
     directory = _existing_dir(path, "checkpoint")
     dtype, device = _resolve_dtype(dtype), torch.device(device)
+    from calm_engine.model.token_llama import is_token_llama_checkpoint, load_token_llama  # it imports this module
+
+    if is_token_llama_checkpoint(directory):
+        if ae_path is not None:
+            raise CheckpointError(f"{directory} is a token-level Llama checkpoint; ae_path is for CALM checkpoints")
+        return load_token_llama(directory, device=device, dtype=dtype, tokenizer=tokenizer)
     config = CalmConfig.from_file(directory)
     weights = read_weights(directory)
 

@@ -1,7 +1,9 @@
-"""Typed configs for the CALM model and its autoencoder, read from the official `config.json` files.
+"""Typed configs for the CALM model and its autoencoder, read from the official `config.json` files, and for the
+token-level Llama baseline, read from a Hugging Face `LlamaForCausalLM` config.json.
 
-Field names and defaults follow the official `CALMConfig` / `AutoencoderConfig`, so a config.json that omits a
-field means what it means to the reference. Every value is validated here; errors name the offending field.
+Field names and defaults follow the official `CALMConfig` / `AutoencoderConfig` and transformers' `LlamaConfig`, so a
+config.json that omits a field means what it means to the reference. Every value is validated here; errors name the
+offending field.
 """
 
 from __future__ import annotations
@@ -168,8 +170,64 @@ class AutoencoderConfig(_JsonConfig):
             _check_token_id(source, name, getattr(self, name), self.vocab_size)
 
 
+class _BackboneConfig(_JsonConfig):
+    """What the Llama backbone and the engine read off a config, shared by CalmConfig and TokenLlamaConfig."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_chunks(self) -> int:
+        """The longest context in chunks (positions count chunks, not tokens; a token model's chunk is one token)."""
+        return self.max_position_embeddings
+
+    @property
+    def rope_linear_factor(self) -> float:
+        return 1.0 if self.rope_scaling is None else float(self.rope_scaling["factor"])
+
+    def _validate_backbone(self, source: str) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            _check_int(source, name, getattr(self, name), 1)
+        if self.hidden_size % self.num_attention_heads:
+            raise _field_error(
+                source, "num_attention_heads", f"must divide hidden_size={self.hidden_size}", self.num_attention_heads
+            )
+        if self.head_dim % 2:
+            raise _field_error(
+                source,
+                "num_attention_heads",
+                f"must give an even head size for rotary embeddings "
+                f"(hidden_size={self.hidden_size} / heads = {self.hidden_size / self.num_attention_heads})",
+                self.num_attention_heads,
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise _field_error(
+                source,
+                "num_key_value_heads",
+                f"must divide num_attention_heads={self.num_attention_heads}",
+                self.num_key_value_heads,
+            )
+        _check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
+        _check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
+        _check_positive_float(source, "rope_theta", self.rope_theta)
+        _check_rope_scaling(source, self.rope_scaling)
+        _check_bool(source, "attention_bias", self.attention_bias)
+        _check_bool(source, "mlp_bias", self.mlp_bias)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            _check_token_id(source, name, getattr(self, name), self.vocab_size)
+
+
 @dataclass(frozen=True)
-class CalmConfig(_JsonConfig):
+class CalmConfig(_BackboneConfig):
     """The CALM language model: Llama backbone over chunks, input compression, energy generative head."""
 
     ARCHITECTURE = "EnergyTransformer"
@@ -216,61 +274,11 @@ class CalmConfig(_JsonConfig):
             data = {**data, "num_key_value_heads": data.get("num_attention_heads", 12)}
         return super().from_dict(data, source)
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def max_chunks(self) -> int:
-        """The longest context in chunks (positions count chunks, not tokens)."""
-        return self.max_position_embeddings
-
-    @property
-    def rope_linear_factor(self) -> float:
-        return 1.0 if self.rope_scaling is None else float(self.rope_scaling["factor"])
-
     def validate(self, source: str = "CALM config") -> None:
-        for name in (
-            "patch_size",
-            "latent_size",
-            "noise_size",
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-        ):
+        for name in ("patch_size", "latent_size", "noise_size"):
             _check_int(source, name, getattr(self, name), 1)
         _check_int(source, "num_mlp_layers", self.num_mlp_layers, 0)
-        if self.hidden_size % self.num_attention_heads:
-            raise _field_error(
-                source, "num_attention_heads", f"must divide hidden_size={self.hidden_size}", self.num_attention_heads
-            )
-        if self.head_dim % 2:
-            raise _field_error(
-                source,
-                "num_attention_heads",
-                f"must give an even head size for rotary embeddings "
-                f"(hidden_size={self.hidden_size} / heads = {self.hidden_size / self.num_attention_heads})",
-                self.num_attention_heads,
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise _field_error(
-                source,
-                "num_key_value_heads",
-                f"must divide num_attention_heads={self.num_attention_heads}",
-                self.num_key_value_heads,
-            )
-        _check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
-        _check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
-        _check_positive_float(source, "rope_theta", self.rope_theta)
-        _check_rope_scaling(source, self.rope_scaling)
-        _check_bool(source, "attention_bias", self.attention_bias)
-        _check_bool(source, "mlp_bias", self.mlp_bias)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            _check_token_id(source, name, getattr(self, name), self.vocab_size)
+        self._validate_backbone(source)
         if self.ae_path is not None and not isinstance(self.ae_path, str):
             raise _field_error(source, "ae_path", "must be a string or null", self.ae_path)
 
@@ -281,6 +289,71 @@ class CalmConfig(_JsonConfig):
                 raise ConfigError(
                     f"{source}: field '{name}' is {getattr(self, name)} but the autoencoder's is {getattr(ae, name)}"
                 )
+
+
+@dataclass(frozen=True)
+class TokenLlamaConfig(_BackboneConfig):
+    """The token-level baseline: a Llama backbone plus an LM head, one token per position (K = 1).
+
+    The fields of transformers' `LlamaConfig` with its defaults (num_key_value_heads null means one per attention
+    head). The engine reads `patch_size`, which is 1 here and not a field.
+    """
+
+    ARCHITECTURE = "LlamaForCausalLM"
+    MODEL_TYPE = "llama"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    # Used only by training or by nothing at all at inference; kept so that a config round-trips unchanged.
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    pretraining_tp: int = 1
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+
+    @property
+    def patch_size(self) -> int:
+        return 1
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config"):
+        if isinstance(data, dict):
+            model_type = data.get("model_type", cls.MODEL_TYPE)
+            if model_type != cls.MODEL_TYPE:
+                raise ConfigError(f"{source}: field 'model_type' must be {cls.MODEL_TYPE!r}, got {model_type!r}")
+            if "head_dim" in data:  # newer transformers write it; only the implied value is supported
+                data = dict(data)
+                head_dim = data.pop("head_dim")
+                heads = data.get("num_attention_heads", cls.num_attention_heads)
+                hidden = data.get("hidden_size", cls.hidden_size)
+                if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and head_dim != hidden // heads:
+                    raise _field_error(source, "head_dim", "must be hidden_size / num_attention_heads", head_dim)
+        return super().from_dict(data, source)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "model_type": self.MODEL_TYPE}
+
+    def validate(self, source: str = "token Llama config") -> None:
+        self._validate_backbone(source)
+        _check_bool(source, "tie_word_embeddings", self.tie_word_embeddings)
 
 
 def _check_rope_scaling(source: str, rope_scaling: Any) -> None:
