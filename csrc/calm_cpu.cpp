@@ -51,7 +51,6 @@ py::array_t<float> philox_uniform(py::array_t<int64_t, py::array::c_style> seeds
   float* result = out.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for if (rows * per_row > (1 << 16))
     for (int64_t r = 0; r < rows; ++r) {
       const uint64_t key = static_cast<uint64_t>(seed[r]);
       const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);

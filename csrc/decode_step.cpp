@@ -13,9 +13,14 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace py = pybind11;
@@ -25,6 +30,7 @@ namespace {
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                        const int*, const float*, const int*, const float*, float*, const int*);
+using SetThreadsLocal = int (*)(int);
 
 enum class Activation { kSilu, kGelu, kGeluTanh, kRelu };
 
@@ -63,10 +69,108 @@ struct Norm {
   float eps = 0.0f;
 };
 
+// out[:, n0:n1] of out [rows, l.out] = in [rows, l.in] @ weight[n0:n1]^T + bias[n0:n1] (+ out if accumulate).
+struct GemmTask {
+  const Linear* l = nullptr;
+  const float* in = nullptr;
+  float* out = nullptr;
+  int rows = 0, n0 = 0, n1 = 0;
+  bool accumulate = false;
+};
+
+void run_gemm(Sgemm sgemm, const GemmTask& t) {
+  // Column-major view: out^T [n, rows] (leading dimension l.out) = weight rows n0..n1 (stored as in x n
+  // column-major, hence 'T') @ in^T.
+  const Linear& l = *t.l;
+  const int n = t.n1 - t.n0;
+  const float one = 1.0f, beta = t.accumulate ? 1.0f : 0.0f;
+  sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(t.n0) * l.in, &l.in, t.in, &l.in, &beta,
+        t.out + t.n0, &l.out);
+  if (l.bias != nullptr)
+    for (int r = 0; r < t.rows; ++r)
+      for (int c = t.n0; c < t.n1; ++c) t.out[static_cast<size_t>(r) * l.out + c] += l.bias[c];
+}
+
+// A second thread that takes half of each large matrix product during a step. torch's BLAS, called from outside
+// torch with its own threads, wakes them per call and lost ~25x at 2 threads here; two single-threaded BLAS calls
+// on halves of the output cost microseconds to hand over. On a shared machine the worker may be descheduled, so a
+// posted half is claimed by whoever gets to it first: the caller, done with its own half, takes it back instead of
+// waiting for a worker that is not running.
+class GemmWorker {
+ public:
+  explicit GemmWorker(Sgemm sgemm, SetThreadsLocal set_threads) : sgemm_(sgemm), set_threads_(set_threads) {
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~GemmWorker() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_one();
+    thread_.join();
+  }
+  void begin() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      active_.store(true);
+    }
+    wake_.notify_one();
+  }
+  void end() { active_.store(false); }
+
+  // Runs `mine` here and `theirs` on the worker (or here, if the worker has not claimed it in time).
+  void run_pair(const GemmTask& mine, const GemmTask& theirs) {
+    task_ = theirs;
+    claimed_.store(false, std::memory_order_relaxed);
+    const uint64_t ticket = posted_.fetch_add(1, std::memory_order_release) + 1;
+    run_gemm(sgemm_, mine);
+    if (!claimed_.exchange(true, std::memory_order_acq_rel)) {
+      run_gemm(sgemm_, task_);
+      return;
+    }
+    while (done_.load(std::memory_order_acquire) != ticket) {
+    }
+  }
+
+ private:
+  void loop() {
+    set_threads_(1);
+    uint64_t seen = 0;
+    while (true) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [this] { return active_.load() || stop_; });
+        if (stop_) return;
+      }
+      while (active_.load(std::memory_order_acquire)) {  // spin while the step runs
+        const uint64_t posted = posted_.load(std::memory_order_acquire);
+        if (posted == seen) continue;
+        seen = posted;
+        if (!claimed_.exchange(true, std::memory_order_acq_rel)) {
+          run_gemm(sgemm_, task_);
+          done_.store(seen, std::memory_order_release);
+        }
+      }
+    }
+  }
+
+  Sgemm sgemm_;
+  SetThreadsLocal set_threads_;
+  std::thread thread_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stop_ = false;
+  std::atomic<bool> active_{false}, claimed_{true};
+  GemmTask task_;
+  std::atomic<uint64_t> posted_{0}, done_{0};
+};
+
 class DecodeStep {
  public:
   // `arrays` keeps every buffer alive; `spec` names them (see model_runner.CpuDecodeStep for the layout).
-  DecodeStep(std::uintptr_t sgemm, py::dict spec, py::list arrays) : sgemm_(reinterpret_cast<Sgemm>(sgemm)) {
+  DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays)
+      : sgemm_(reinterpret_cast<Sgemm>(sgemm)), set_threads_(reinterpret_cast<SetThreadsLocal>(set_threads_local)) {
+    if (threads > 1) worker_ = std::make_unique<GemmWorker>(sgemm_, set_threads_);
     for (auto item : arrays) keep_.push_back(item.cast<FloatArray>());
     auto i = [&](const char* key) { return spec[key].cast<int>(); };
     hidden_ = i("hidden"), heads_ = i("heads"), kv_heads_ = i("kv_heads"), head_dim_ = i("head_dim");
@@ -124,6 +228,8 @@ class DecodeStep {
     int64_t* out = result.mutable_data();
     {
       py::gil_scoped_release release;
+      const int previous_threads = set_threads_(1);  // each thread runs its BLAS calls single-threaded
+      if (worker_) worker_->begin();
       const int h = hidden_;
       std::vector<float> x(batch * h), tmp, tmp2;
       // Input compression: the chunk's K embeddings side by side -> Linear, SiLU, Linear, LayerNorm.
@@ -140,6 +246,8 @@ class DecodeStep {
       std::vector<float> latent;
       head(x, noise.data(), batch, latent);
       decode_argmax(latent, batch, out);
+      if (worker_) worker_->end();
+      set_threads_(previous_threads);
     }
     return result;
   }
@@ -192,12 +300,15 @@ class DecodeStep {
   }
 
   void gemm_into(const Linear& l, const float* in, int rows, float* out, bool accumulate) {
-    // Column-major view: out^T [out, rows] = weight [out, in] (stored as in x out column-major, so 'T') @ in^T.
-    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    sgemm_("T", "N", &l.out, &rows, &l.in, &one, l.weight, &l.in, in, &l.in, &beta, out, &l.out);
-    if (l.bias != nullptr)
-      for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < l.out; ++c) out[static_cast<size_t>(r) * l.out + c] += l.bias[c];
+    GemmTask task{&l, in, out, rows, 0, l.out, accumulate};
+    constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds the hand-over costs more than it saves
+    if (!worker_ || static_cast<int64_t>(rows) * l.out * l.in < kSplitWork || l.out < 32) {
+      run_gemm(sgemm_, task);
+      return;
+    }
+    GemmTask other = task;
+    task.n1 = other.n0 = (l.out / 2) & ~15;  // split on a 16-column boundary
+    worker_->run_pair(task, other);
   }
 
   static void rms_norm(const Norm& n, const float* in, float* out, int rows, int size) {
@@ -346,6 +457,8 @@ class DecodeStep {
   }
 
   Sgemm sgemm_;
+  SetThreadsLocal set_threads_;
+  std::unique_ptr<GemmWorker> worker_;
   std::vector<FloatArray> keep_;
   int hidden_, heads_, kv_heads_, head_dim_, patch_, noise_, latent_, ae_hidden_, vocab_, capacity_, slots_;
   Activation act_, ae_act_;
@@ -369,6 +482,7 @@ class DecodeStep {
 
 void register_decode_step(py::module_& m) {
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<std::uintptr_t, py::dict, py::list>(), py::arg("sgemm"), py::arg("spec"), py::arg("arrays"))
+      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list>(), py::arg("sgemm"),
+           py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"))
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"));
 }

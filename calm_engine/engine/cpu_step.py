@@ -18,13 +18,15 @@ from calm_engine.engine import model_runner
 from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
 
 
-def torch_sgemm_address() -> int | None:
-    """The address of the Fortran-interface sgemm_ that torch's CPU library exports (MKL), or None."""
+def torch_blas_addresses() -> tuple[int, int] | None:
+    """Addresses of the Fortran-interface sgemm_ and the C-interface MKL_Set_Num_Threads_Local that torch's CPU
+    library exports (its MKL), or None where it exports no such symbols."""
     if not sys.platform.startswith("linux"):
         return None
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        return ctypes.cast(ctypes.CDLL(str(library)).sgemm_, ctypes.c_void_p).value
+        handle = ctypes.CDLL(str(library))
+        return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (handle.sgemm_, handle.MKL_Set_Num_Threads_Local))
     except (OSError, AttributeError):
         return None
 
@@ -36,7 +38,7 @@ def available(runner: ModelRunner) -> bool:
         and hasattr(model_runner._calm_cpu, "DecodeStep")
         and model.device.type == "cpu"
         and model.dtype == torch.float32
-        and torch_sgemm_address() is not None
+        and torch_blas_addresses() is not None
     )
 
 
@@ -132,7 +134,10 @@ class CpuDecodeStep:
             "ae_norm": norm(decoder.norm),
             "lm_head": packed(decoder.lm_head_weight, None),
         }
-        self._step = model_runner._calm_cpu.DecodeStep(torch_sgemm_address(), spec, arrays)
+        sgemm, set_threads_local = torch_blas_addresses()
+        # Two threads at most: the step's products are small, and the second thread spins while a step runs.
+        threads = min(2, torch.get_num_threads())
+        self._step = model_runner._calm_cpu.DecodeStep(sgemm, set_threads_local, threads, spec, arrays)
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from calm_engine.engine.cpu_step import CpuDecodeStep
+from calm_engine.engine.cpu_step import available as cpu_step_available
 from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner, EagerCapture, default_buckets
 from calm_engine.engine.kv_cache import SlotKVCache, capacity_for
 from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch
@@ -58,6 +60,7 @@ class LLMEngine:
         seed: int | None = None,
         use_cuda_graph: bool | None = None,
         cuda_graph_buckets: list[int] | None = None,
+        use_cpu_step: bool = True,
     ):
         if prompt_padding not in PROMPT_PADDING:
             raise ValueError(f"prompt_padding must be one of {list(PROMPT_PADDING)}, got {prompt_padding!r}")
@@ -70,6 +73,9 @@ class LLMEngine:
         runner_class = TokenModelRunner if isinstance(model, TokenLlama) else ModelRunner
         self.runner = runner_class(model, self.cache) if noise is None else runner_class(model, self.cache, noise)
         self.scheduler = Scheduler(max_batch_size)
+        # T = 1 decode steps of a float32 CALM model on CPU run as one C++ call when csrc/ is built (cpu_step.py).
+        use_cpu_step = use_cpu_step and isinstance(self.runner, ModelRunner) and cpu_step_available(self.runner)
+        self.cpu_step = CpuDecodeStep(self.runner) if use_cpu_step else None
         if use_cuda_graph is None:
             use_cuda_graph = model.device.type == "cuda"
         self.graphs = None
@@ -198,6 +204,9 @@ class LLMEngine:
         self.stats["decode_rows"] += len(requests)
         if self.graphs is not None and self.graphs.can_run(len(requests)):
             return self.graphs.run(ids, positions, slots, batch)
+        if self.cpu_step is not None and batch.valid.shape[1] == 1:
+            patches = self.cpu_step.run(ids, positions, slots, batch.seeds, batch.steps)
+            return patches, torch.zeros(len(requests), dtype=torch.bool)
         hidden = self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1, first_slot=first_slot)
         return self.runner.sample_patches(hidden, batch, allow_sync=cpu)
 
@@ -281,7 +290,7 @@ class LLM:
 
     model: a checkpoint directory (CALM or token-level Llama) or a loaded CalmModel / TokenLlama. Remaining keywords
     go to LLMEngine (max_batch_size, max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph,
-    cuda_graph_buckets).
+    cuda_graph_buckets, use_cpu_step).
     """
 
     def __init__(

@@ -13,7 +13,7 @@ from tests.engine.test_model_runner import SHAPES
 from tests.model_factory import context_sensitive_model
 
 pytestmark = pytest.mark.skipif(
-    cpu_step.model_runner._calm_cpu is None or cpu_step.torch_sgemm_address() is None,
+    cpu_step.model_runner._calm_cpu is None or cpu_step.torch_blas_addresses() is None,
     reason="calm_engine._calm_cpu is not built or torch exports no sgemm_",
 )
 
