@@ -121,11 +121,12 @@ class GemmWorker {
   // Runs `mine` here and `theirs` on the worker (or here, if the worker has not claimed it in time).
   void run_pair(const GemmTask& mine, const GemmTask& theirs) {
     task_ = theirs;
-    claimed_.store(false, std::memory_order_relaxed);
-    const uint64_t ticket = posted_.fetch_add(1, std::memory_order_release) + 1;
+    const uint64_t ticket = ++tickets_;
+    claimable_.store(ticket, std::memory_order_release);  // publishes task_
     run_gemm(sgemm_, mine);
-    if (!claimed_.exchange(true, std::memory_order_acq_rel)) {
-      run_gemm(sgemm_, task_);
+    uint64_t expected = ticket;
+    if (claimable_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
+      run_gemm(sgemm_, task_);  // the worker never took it
       return;
     }
     while (done_.load(std::memory_order_acquire) != ticket) {
@@ -135,7 +136,6 @@ class GemmWorker {
  private:
   void loop() {
     set_threads_(1);
-    uint64_t seen = 0;
     while (true) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -143,12 +143,11 @@ class GemmWorker {
         if (stop_) return;
       }
       while (active_.load(std::memory_order_acquire)) {  // spin while the step runs
-        const uint64_t posted = posted_.load(std::memory_order_acquire);
-        if (posted == seen) continue;
-        seen = posted;
-        if (!claimed_.exchange(true, std::memory_order_acq_rel)) {
+        uint64_t ticket = claimable_.load(std::memory_order_acquire);
+        // A claim names its ticket, so a worker that was descheduled cannot take a later task by mistake.
+        if (ticket != 0 && claimable_.compare_exchange_strong(ticket, 0, std::memory_order_acq_rel)) {
           run_gemm(sgemm_, task_);
-          done_.store(seen, std::memory_order_release);
+          done_.store(ticket, std::memory_order_release);
         }
       }
     }
@@ -160,9 +159,10 @@ class GemmWorker {
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stop_ = false;
-  std::atomic<bool> active_{false}, claimed_{true};
+  std::atomic<bool> active_{false};
   GemmTask task_;
-  std::atomic<uint64_t> posted_{0}, done_{0};
+  uint64_t tickets_ = 0;  // the caller's counter
+  std::atomic<uint64_t> claimable_{0}, done_{0};  // claimable_: the ticket of an unclaimed task, or 0
 };
 
 class DecodeStep {
