@@ -8,8 +8,8 @@ engine's batches with fewer, larger operations:
   token-level baseline's runner (token_runner.py) shares;
 - the energy head over a pool of S samples per row, computing the hidden-state embedding and the hidden-state half
   of every block's first linear once per row instead of S times (`head_pool`);
-- the autoencoder decoder with the vocabulary projection and argmax done in row chunks, so the [M*K, V] logits of
-  a 200-sample pool never exist at once (`decode_argmax`);
+- the autoencoder decoder with the vocabulary projection and argmax done in blocks, so the [M*K, V] logits of
+  a 200-sample pool never exist at once (`decode_argmax`, `project_argmax`);
 - `sample_patches`: noise -> head -> decode -> likelihood-free choice, on device.
 Every public method has a test against the reference model (tests/engine/test_model_runner.py).
 """
@@ -43,8 +43,9 @@ except ImportError:
 # t * COUNTERS_PER_STEP + 2 * p + s, so every draw of every request has its own Philox counter.
 COUNTERS_PER_STEP = 64
 MAX_POOLS = COUNTERS_PER_STEP // 2
-# Row chunk of the vocabulary projection: at most this many logits exist at once.
+# The vocabulary projection holds at most this many logits at once (16 MB in float32), in blocks of ROW_BLOCK rows.
 LOGITS_PER_CHUNK = 1 << 22
+ROW_BLOCK = 1024
 
 
 @dataclass
@@ -105,6 +106,34 @@ def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
 
 def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def project_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """argmax(x @ weight.T, -1) for x [M, h], weight [V, h], holding at most LOGITS_PER_CHUNK logits at once.
+
+    Small products run whole. Large ones (a 200-sample pool: M = 800 rows per request) run in blocks of ROW_BLOCK
+    rows x a vocabulary slice, keeping a running maximum: blocking rows alone would re-read the whole [V, h] matrix
+    (263 MB at CALM-M) for every few rows. A later slice wins only when strictly larger, so ties keep the first index,
+    as torch.argmax does.
+    """
+    rows, vocab = x.shape[0], weight.shape[0]
+    if rows * vocab <= LOGITS_PER_CHUNK:
+        return _argmax_rows(F.linear(x, weight))
+    row_block = min(rows, ROW_BLOCK)
+    vocab_block = max(1, LOGITS_PER_CHUNK // row_block)
+    ids = []
+    for part in x.split(row_block):
+        best_value = best_index = None
+        for start in range(0, vocab, vocab_block):
+            value, index = F.linear(part, weight[start : start + vocab_block]).max(-1)
+            if best_value is None:
+                best_value, best_index = value, index
+            else:
+                better = value > best_value
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index + start, best_index)
+        ids.append(best_index)
+    return torch.cat(ids)
 
 
 def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -318,7 +347,7 @@ class ModelRunner(BackboneRunner):
         return F.linear(y, final[2].weight, final[2].bias)
 
     def decode_argmax(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents [M, latent] -> greedy ids [M, K]; the vocabulary projection runs in row chunks."""
+        """latents [M, latent] -> greedy ids [M, K]; the vocabulary projection runs in blocks (project_argmax)."""
         decoder = self.decoder
         if self.use_kernels:
             from kernels import ae_decode
@@ -333,13 +362,7 @@ class ModelRunner(BackboneRunner):
         for norm, mlp in self.decoder_layers[stage:]:
             x = x + mlp(_rms_norm(x, norm))
         x = _rms_norm(x, decoder.norm)
-        weight = decoder.lm_head_weight
-        chunk = max(1, LOGITS_PER_CHUNK // weight.shape[0])
-        if x.shape[0] <= chunk:
-            ids = _argmax_rows(F.linear(x, weight))
-        else:
-            ids = torch.cat([_argmax_rows(F.linear(part, weight)) for part in x.split(chunk)])
-        return ids.view(rows, self.patch_size)
+        return project_argmax(x, decoder.lm_head_weight).view(rows, self.patch_size)
 
     # ---- sampling ---------------------------------------------------------------------------------------------
 

@@ -94,11 +94,21 @@ def test_head_pool_matches_reference_head(shape):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_decode_argmax_matches_reference(shape, chunked, monkeypatch):
     reference, fast, runner = make(shape)
-    if chunked:  # a few rows per chunk of the vocabulary projection
-        monkeypatch.setattr(model_runner_module, "LOGITS_PER_CHUNK", 3 * fast.config.vocab_size)
+    if chunked:  # blocks of 4 rows x 23 vocabulary entries: several blocks both ways, none aligned
+        monkeypatch.setattr(model_runner_module, "LOGITS_PER_CHUNK", 4 * 23)
+        monkeypatch.setattr(model_runner_module, "ROW_BLOCK", 4)
     latents = torch.randn(11, fast.config.latent_size)
     expected = reference.autoencoder.decode_ids(latents[:, None])
     assert torch.equal(runner.decode_argmax(latents), expected)
+
+
+def test_project_argmax_keeps_the_first_of_equal_maxima(monkeypatch):
+    monkeypatch.setattr(model_runner_module, "LOGITS_PER_CHUNK", 2 * 5)
+    monkeypatch.setattr(model_runner_module, "ROW_BLOCK", 2)
+    weight = torch.randn(17, 6)
+    weight[3] = weight[14] = weight[9]  # equal rows in three different vocabulary blocks
+    x = weight[9].expand(3, -1) * 10  # their logit is the largest
+    assert model_runner_module.project_argmax(x, weight).tolist() == [3, 3, 3]
 
 
 def test_float64_model_runs_in_float64():
