@@ -1,4 +1,5 @@
-"""The `calm` command line: `calm inspect PATH` (config, parameter counts by component, dtype)."""
+"""The `calm` command line: `calm inspect PATH` (config, parameter counts by component, dtype) of a CALM,
+autoencoder or token-level Llama checkpoint."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import CheckpointError, load, load_autoencoder, read_weights
 from calm_engine.model.config import ConfigError
+from calm_engine.model.token_llama import TokenLlama
 from calm_engine.tokenizer import TokenizerError
 
 
@@ -22,15 +24,21 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def component_counts(model) -> list[tuple[str, int]]:
-    """(component, parameters) rows for a CalmModel or an Autoencoder."""
+    """(component, parameters) rows for a CalmModel, an Autoencoder or a TokenLlama."""
     if isinstance(model, Autoencoder):
         return _autoencoder_rows(model, "")
     backbone = model.backbone
-    return [
-        *_autoencoder_rows(model.autoencoder, "autoencoder."),
+    rows = [
         ("backbone.embed_tokens", parameter_count(backbone.embed_tokens)),
         ("backbone.layers", parameter_count(backbone.layers)),
         ("backbone.norm", parameter_count(backbone.norm)),
+    ]
+    if isinstance(model, TokenLlama):
+        tied = model.config.tie_word_embeddings
+        return [*rows, ("lm_head (tied to the embedding)", 0) if tied else ("lm_head", parameter_count(model.lm_head))]
+    return [
+        *_autoencoder_rows(model.autoencoder, "autoencoder."),
+        *rows,
         ("embed_proj (input compression)", parameter_count(model.embed_proj)),
         ("generative_head", parameter_count(model.generative_head)),
     ]
@@ -59,9 +67,10 @@ def inspect(path: Path, dtype: str) -> str:
     config_data = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     is_autoencoder = "Autoencoder" in (config_data.get("architectures") or [])
     model = load_autoencoder(path, dtype=dtype) if is_autoencoder else load(path, dtype=dtype)
-    lines = [f"{'autoencoder' if is_autoencoder else 'CALM'} checkpoint: {path}", "", "config:"]
+    kind = "autoencoder" if is_autoencoder else "token-level Llama" if isinstance(model, TokenLlama) else "CALM"
+    lines = [f"{kind} checkpoint: {path}", "", "config:"]
     lines += [f"  {key:<26} {json.dumps(value)}" for key, value in sorted(model.config.to_dict().items())]
-    if not is_autoencoder:
+    if kind == "CALM":
         lines += ["", "autoencoder config:"]
         lines += [f"  {k:<26} {json.dumps(v)}" for k, v in sorted(model.autoencoder.config.to_dict().items())]
     rows = component_counts(model)
@@ -83,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calm", description="Inference engine for CALM models.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect_cmd = commands.add_parser("inspect", help="print a checkpoint's config, parameter counts and dtype")
-    inspect_cmd.add_argument("path", type=Path, help="a CALM or autoencoder checkpoint directory")
+    inspect_cmd.add_argument("path", type=Path, help="a CALM, autoencoder or token-level Llama checkpoint directory")
     inspect_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
 

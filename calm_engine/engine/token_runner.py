@@ -32,8 +32,8 @@ def gumbel_scores(logits: torch.Tensor, inverse_temperature: torch.Tensor, unifo
     from 0: a uniform that rounds to 1 must not give an infinite score. U = 0 gives a score of -inf, never chosen.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    exponential = (-torch.log(uniforms.to(dtype))).clamp_min(torch.finfo(dtype).tiny)
-    return logits.to(dtype) * inverse_temperature.to(dtype)[:, None] - torch.log(exponential)
+    log_exponential = torch.log(uniforms.to(dtype)).neg_().clamp_min_(torch.finfo(dtype).tiny).log_()  # in place
+    return (logits.to(dtype) * inverse_temperature.to(dtype)[:, None]).sub_(log_exponential)
 
 
 class TokenModelRunner(BackboneRunner):
