@@ -212,11 +212,15 @@ class LLMEngine:
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         device = self.model.device
-        samples = max(r.params.samples_per_step for r in requests)
-        per_row = torch.tensor([r.params.samples_per_step for r in requests], device=device)
+        token_model = isinstance(self.runner, TokenModelRunner)  # one sample per step whatever the temperature
+        per_row_list = [1 if token_model else r.params.samples_per_step for r in requests]
+        samples = max(per_row_list)
+        per_row = torch.tensor(per_row_list, device=device)
         valid = torch.arange(samples, device=device)[None] < per_row[:, None]
         exact = [
-            r.params.exact_max_pools if r.params.sampler == "exact" and r.params.temperature < 1 else 0
+            r.params.exact_max_pools
+            if r.params.sampler == "exact" and r.params.temperature < 1 and not token_model
+            else 0
             for r in requests
         ]
         return SamplingBatch(

@@ -1,0 +1,213 @@
+"""End-to-end generation benchmark: this engine, the official `generate` and a token-level Llama, side by side.
+
+    python benchmarks/e2e.py --shape small --batch 1 8 --temperature 1 --prompt-len 32 --new-tokens 64
+    python benchmarks/e2e.py --shape calm_m --batch 1 8 --floor            # CALM-M: step time vs its matmul floor
+
+The official side runs when $CALM_OFFICIAL_DIR and $CALM_OFFICIAL_PYTHON point at a checkout and an interpreter
+with transformers==4.43.0 (benchmarks/official.py); it is skipped otherwise. The machine is shared and noisy, so
+every configuration alternates engine and official runs (engine, official, engine) and reports their ratio; only
+ratios from one run are meaningful on CPU.
+
+The floor (--floor) is the same matrix products as one decode step of the engine (backbone, compression, head, the
+autoencoder decoder and its vocabulary projection, at the step's row counts), timed alone with the model's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.official import official_unavailable_reason, run_official  # noqa: E402
+from benchmarks.shapes import cached_checkpoint  # noqa: E402
+from calm_engine import LLM, SamplingParams  # noqa: E402
+from calm_engine.engine import model_runner  # noqa: E402
+from calm_engine.engine.model_runner import ModelRunner  # noqa: E402
+
+
+def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int, avoid: set[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    allowed = [t for t in range(vocab_size) if t not in avoid]
+    return [[rng.choice(allowed) for _ in range(prompt_len)] for _ in range(batch)]
+
+
+def time_engine(llm: LLM, batch: int, prompt_len: int, new_tokens: int, params: SamplingParams, repeats: int) -> dict:
+    """Median wall time of llm.generate over `repeats` runs (after one warm-up) and the decode-step time."""
+    config = llm.model.config
+    avoid = {config.pad_token_id, *config.eos_token_ids} - {None}
+    prompts = random_prompts(config.vocab_size, batch, prompt_len, 0, avoid)
+    llm.generate(prompts, params)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        seconds.append(time.perf_counter() - start)
+    steps = -(-new_tokens // llm.model.config.patch_size)
+    median = statistics.median(seconds)
+    return {
+        "seconds": median,
+        "seconds_min": min(seconds),
+        "seconds_max": max(seconds),
+        "ms_per_step": 1e3 * median / steps,
+        "tokens_per_s": batch * new_tokens / median,
+    }
+
+
+def step_matmuls(runner: ModelRunner, batch: int, samples: int) -> list[tuple[torch.Size, torch.Tensor]]:
+    """(input shape, weight) of every linear layer one decode step runs, in order, at its row count."""
+    config = runner.config
+    k = config.patch_size
+    proj = runner.model.embed_proj
+    head = runner.head
+    rows = batch * samples
+    work = [((batch, k * config.hidden_size), proj[0].weight), ((batch, 2 * config.hidden_size), proj[2].weight)]
+    for layer in runner.layers:
+        work += [
+            ((batch, config.hidden_size), layer.qkv_weight),
+            ((batch, layer.o_proj.in_features), layer.o_proj.weight),
+            ((batch, config.hidden_size), layer.mlp.gate_up_weight),
+            ((batch, layer.mlp.down.in_features), layer.mlp.down.weight),
+        ]
+    work += [
+        ((batch, config.hidden_size), head.hidden_embd.weight),
+        ((rows, config.noise_size), head.noise_embd.weight),
+    ]
+    for block in runner.head_blocks:
+        work += [
+            ((batch, config.hidden_size), block.hidden_weight),
+            ((rows, config.hidden_size), block.noise_weight),
+            ((rows, config.hidden_size), block.second.weight),
+            ((rows, config.hidden_size), block.third.weight),
+            ((rows, config.hidden_size), block.down.weight),
+        ]
+    final = head.final_layer.linears
+    work += [((rows, config.hidden_size), final[0].weight), ((rows, config.hidden_size), final[2].weight)]
+    decoder = runner.decoder
+    stage = len(runner.decoder_layers) // 2
+    work.append(((rows, config.latent_size), decoder.latent_to_hidden.weight))
+    for index, (_, mlp) in enumerate(runner.decoder_layers):
+        positions = rows if index < stage else rows * k
+        work += [
+            ((positions, mlp.gate_up_weight.shape[1]), mlp.gate_up_weight),
+            ((positions, mlp.down.in_features), mlp.down.weight),
+        ]
+        if index == stage - 1:
+            work.append(((rows, decoder.expand_layer.in_features), decoder.expand_layer.weight))
+    work.append(((rows * k, decoder.lm_head_weight.shape[1]), decoder.lm_head_weight))
+    return work
+
+
+def time_floor(runner: ModelRunner, batch: int, samples: int, repeats: int) -> float:
+    """Seconds for the step's matrix products alone (median of repeats); inputs are made beforehand."""
+    work = [(torch.randn(shape, dtype=weight.dtype), weight) for shape, weight in step_matmuls(runner, batch, samples)]
+    projection = runner.decoder.lm_head_weight
+
+    def run():
+        for x, weight in work:
+            if weight is not projection or x.shape[0] * weight.shape[0] <= model_runner.LOGITS_PER_CHUNK:
+                F.linear(x, weight)
+                continue
+            # the vocabulary projection in the engine's blocks (model_runner.project_argmax), without the argmax
+            row_block = min(x.shape[0], model_runner.ROW_BLOCK)
+            vocab_block = max(1, model_runner.LOGITS_PER_CHUNK // row_block)
+            for part in x.split(row_block):
+                for start in range(0, weight.shape[0], vocab_block):
+                    F.linear(part, weight[start : start + vocab_block])
+
+    run()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def time_decode_steps(llm: LLM, batch: int, prompt_len: int, params: SamplingParams, steps: int) -> float:
+    """Median seconds of one engine step in steady state (prefill excluded) for `batch` running requests."""
+    engine = llm.engine
+    config = llm.model.config
+    prompts = random_prompts(config.vocab_size, batch, prompt_len, 1, {config.pad_token_id, *config.eos_token_ids})
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"floor-{i}", prompt, params)
+    engine.step()  # prefill + first chunk
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        seconds.append(time.perf_counter() - start)
+    for i in range(batch):
+        engine.abort(f"floor-{i}")
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="small")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--prompt-len", type=int, nargs="+", default=[32])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--floor", action="store_true", help="also time the step's matrix products alone")
+    parser.add_argument("--no-official", action="store_true")
+    parser.add_argument("--token-shape", help="a token-level shape of the same backbone (benchmarks/shapes.py)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    checkpoint = cached_checkpoint(args.shape)
+    max_len = max(args.prompt_len) + args.new_tokens + 8
+    llm = LLM(str(checkpoint), max_batch_size=max(args.batch), max_model_len=max_len)
+    token_llm = None
+    if args.token_shape:
+        token_llm = LLM(str(cached_checkpoint(args.token_shape)), max_batch_size=max(args.batch), max_model_len=max_len)
+    reason = "disabled" if args.no_official else official_unavailable_reason()
+    print(f"# shape {args.shape}, {args.threads} threads, torch {torch.__version__}; official: {reason or 'yes'}")
+    rows = []
+    for prompt_len in args.prompt_len:
+        for temperature in args.temperature:
+            params = SamplingParams(
+                temperature=temperature, max_tokens=args.new_tokens, num_samples=args.num_samples, ignore_eos=True
+            )
+            for batch in args.batch:
+                row = {"batch": batch, "prompt_len": prompt_len, "temperature": temperature}
+                first = time_engine(llm, batch, prompt_len, args.new_tokens, params, args.repeats)
+                if reason is None:
+                    official = run_official(
+                        checkpoint, batch=batch, prompt_len=prompt_len, new_tokens=args.new_tokens,
+                        temperature=temperature, num_samples=args.num_samples, threads=args.threads,
+                        repeats=args.repeats, warmup=1,
+                    )  # fmt: skip
+                    row["official_tokens_per_s"] = official["tokens_per_s"]
+                    row["official_ms_per_step"] = official["ms_per_step"]
+                second = time_engine(llm, batch, prompt_len, args.new_tokens, params, args.repeats)
+                row["engine_tokens_per_s"] = statistics.mean([first["tokens_per_s"], second["tokens_per_s"]])
+                row["engine_ms_per_step"] = statistics.mean([first["ms_per_step"], second["ms_per_step"]])
+                if reason is None:
+                    row["speedup_vs_official"] = row["engine_tokens_per_s"] / row["official_tokens_per_s"]
+                if token_llm is not None:
+                    token = time_engine(token_llm, batch, prompt_len, args.new_tokens, params, args.repeats)
+                    row["token_llama_tokens_per_s"] = token["tokens_per_s"]
+                    row["speedup_vs_token_llama"] = row["engine_tokens_per_s"] / token["tokens_per_s"]
+                if args.floor:
+                    samples = params.samples_per_step
+                    step = time_decode_steps(llm, batch, prompt_len, params, steps=max(3, args.repeats))
+                    floor = time_floor(llm.engine.runner, batch, samples, args.repeats)
+                    row.update(decode_step_ms=1e3 * step, floor_ms=1e3 * floor, step_over_floor=step / floor)
+                rows.append(row)
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
