@@ -15,6 +15,7 @@ autoencoder decoder and its vocabulary projection, at the step's row counts), ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -106,8 +107,8 @@ def step_matmuls(runner: ModelRunner, batch: int, samples: int) -> list[tuple[to
     return work
 
 
-def time_floor(runner: ModelRunner, batch: int, samples: int, repeats: int) -> float:
-    """Seconds for the step's matrix products alone (median of repeats); inputs are made beforehand."""
+def floor_products(runner: ModelRunner, batch: int, samples: int):
+    """A function running the step's matrix products alone (inputs made beforehand)."""
     work = [(torch.randn(shape, dtype=weight.dtype), weight) for shape, weight in step_matmuls(runner, batch, samples)]
     projection = runner.decoder.lm_head_weight
 
@@ -123,31 +124,32 @@ def time_floor(runner: ModelRunner, batch: int, samples: int, repeats: int) -> f
                 for start in range(0, weight.shape[0], vocab_block):
                     F.linear(part, weight[start : start + vocab_block])
 
-    run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return run
 
 
-def time_decode_steps(llm: LLM, batch: int, prompt_len: int, params: SamplingParams, steps: int) -> float:
-    """Median seconds of one engine step in steady state (prefill excluded) for `batch` running requests."""
+def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: SamplingParams, rounds: int):
+    """Median seconds of one engine step in steady state (prefill excluded) for `batch` running requests, and of the
+    same step's matrix products alone; the two alternate, so both see the same machine."""
     engine = llm.engine
     config = llm.model.config
+    params = dataclasses.replace(params, max_tokens=(rounds + 2) * config.patch_size)  # every timed step decodes
     prompts = random_prompts(config.vocab_size, batch, prompt_len, 1, {config.pad_token_id, *config.eos_token_ids})
     for i, prompt in enumerate(prompts):
         engine.add_request(f"floor-{i}", prompt, params)
     engine.step()  # prefill + first chunk
-    seconds = []
-    for _ in range(steps):
+    floor = floor_products(engine.runner, batch, params.samples_per_step)
+    floor()
+    steps, floors = [], []
+    for _ in range(rounds):
         start = time.perf_counter()
         engine.step()
-        seconds.append(time.perf_counter() - start)
+        steps.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        floor()
+        floors.append(time.perf_counter() - start)
     for i in range(batch):
         engine.abort(f"floor-{i}")
-    return statistics.median(seconds)
+    return statistics.median(steps), statistics.median(floors)
 
 
 def main() -> None:
@@ -201,9 +203,7 @@ def main() -> None:
                     row["token_llama_tokens_per_s"] = token["tokens_per_s"]
                     row["speedup_vs_token_llama"] = row["engine_tokens_per_s"] / token["tokens_per_s"]
                 if args.floor:
-                    samples = params.samples_per_step
-                    step = time_decode_steps(llm, batch, prompt_len, params, steps=max(3, args.repeats))
-                    floor = time_floor(llm.engine.runner, batch, samples, args.repeats)
+                    step, floor = time_steps_and_floor(llm, batch, prompt_len, params, rounds=max(3, args.repeats))
                     row.update(decode_step_ms=1e3 * step, floor_ms=1e3 * floor, step_over_floor=step / floor)
                 rows.append(row)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

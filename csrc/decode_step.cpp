@@ -445,9 +445,11 @@ class DecodeStep {
       gated_mlp(ae_layers_[i].norm, ae_layers_[i].gate_up, ae_layers_[i].down, ae_act_, expanded, rows, a);
     normed.resize(expanded.size());
     rms_norm(ae_norm_, expanded.data(), normed.data(), rows, a);
-    constexpr int kRowsPerChunk = 16;  // bounds the logits held at once (16 x 128k floats = 8 MB)
-    for (int start = 0; start < rows; start += kRowsPerChunk) {
-      const int count = std::min(kRowsPerChunk, rows - start);
+    // At most 4M logits (16 MB) at once, and as many rows per block as fit: every block streams the whole
+    // embedding (263 MB at CALM-M), so 16-row blocks of a batch of 8 (32 rows) read it twice.
+    const int rows_per_block = std::max(1, (1 << 22) / vocab_);
+    for (int start = 0; start < rows; start += rows_per_block) {
+      const int count = std::min(rows_per_block, rows - start);
       gemm(lm_head_, normed.data() + static_cast<size_t>(start) * a, count, logits);
       for (int r = 0; r < count; ++r) {
         const float* l = logits.data() + static_cast<size_t>(r) * vocab_;

@@ -125,7 +125,7 @@ def project_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for part in x.split(row_block):
         best_value = best_index = None
         for start in range(0, vocab, vocab_block):
-            value, index = F.linear(part, weight[start : start + vocab_block]).max(-1)
+            value, index = _max_rows(F.linear(part, weight[start : start + vocab_block]))
             if best_value is None:
                 best_value, best_index = value, index
             else:
@@ -134,6 +134,15 @@ def project_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
                 best_index = torch.where(better, index + start, best_index)
         ids.append(best_index)
     return torch.cat(ids)
+
+
+def _max_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, first argmax) over the last axis of [M, V]; on CPU through numpy's argmax (0.95 ms against torch's
+    4.5 ms for 1024 x 4096 here, 15% of a CALM-M T = 0.5 step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        index = torch.from_numpy(logits.numpy().argmax(-1))
+        return logits.gather(-1, index[:, None])[:, 0], index
+    return logits.max(-1)
 
 
 def _argmax_rows(logits: torch.Tensor) -> torch.Tensor:
