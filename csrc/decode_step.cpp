@@ -316,6 +316,7 @@ class DecodeStep {
       const float* x = in + static_cast<size_t>(r) * size;
       float* y = out + static_cast<size_t>(r) * size;
       float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
       for (int c = 0; c < size; ++c) sum += x[c] * x[c];
       const float scale = 1.0f / std::sqrt(sum / size + n.eps);
       for (int c = 0; c < size; ++c) y[c] = n.weight[c] * (x[c] * scale);
@@ -326,8 +327,10 @@ class DecodeStep {
     for (int r = 0; r < rows; ++r) {
       float* v = x + static_cast<size_t>(r) * size;
       float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
       for (int c = 0; c < size; ++c) mean += v[c];
       mean /= size;
+#pragma omp simd reduction(+ : var)
       for (int c = 0; c < size; ++c) var += (v[c] - mean) * (v[c] - mean);
       const float scale = 1.0f / std::sqrt(var / size + n.eps);
       for (int c = 0; c < size; ++c) v[c] = (v[c] - mean) * scale * n.weight[c] + n.bias[c];
@@ -381,6 +384,7 @@ class DecodeStep {
           for (int t = 0; t < length; ++t) {
             const float* k = layer.keys + base + static_cast<size_t>(t) * d;
             float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
             for (int c = 0; c < d; ++c) dot += q[c] * k[c];
             scores[t] = dot * scale;
             top = std::max(top, scores[t]);
