@@ -164,13 +164,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--floor", action="store_true", help="also time the step's matrix products alone")
     parser.add_argument("--no-official", action="store_true")
+    parser.add_argument("--no-cpu-step", action="store_true", help="the PyTorch path instead of the C++ T = 1 step")
     parser.add_argument("--token-shape", help="a token-level shape of the same backbone (benchmarks/shapes.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     checkpoint = cached_checkpoint(args.shape)
     max_len = max(args.prompt_len) + args.new_tokens + 8
-    llm = LLM(str(checkpoint), max_batch_size=max(args.batch), max_model_len=max_len)
+    llm = LLM(str(checkpoint), max_batch_size=max(args.batch), max_model_len=max_len, use_cpu_step=not args.no_cpu_step)
     token_llm = None
     if args.token_shape:
         token_llm = LLM(str(cached_checkpoint(args.token_shape)), max_batch_size=max(args.batch), max_model_len=max_len)
