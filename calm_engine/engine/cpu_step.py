@@ -9,6 +9,7 @@ The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from calm_engine.engine import model_runner
 from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
 
 
+@functools.cache
 def torch_blas_addresses() -> tuple[int, int] | None:
     """Addresses of the Fortran-interface sgemm_ and the C-interface MKL_Set_Num_Threads_Local that torch's CPU
     library exports (its MKL), or None where it exports no such symbols."""

@@ -29,7 +29,7 @@ from calm_engine.engine.cpu_step import CpuDecodeStep
 from calm_engine.engine.cpu_step import available as cpu_step_available
 from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner, EagerCapture, default_buckets
 from calm_engine.engine.kv_cache import SlotKVCache, capacity_for
-from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch
+from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch, philox_noise
 from calm_engine.engine.request import Request, RequestOutput
 from calm_engine.engine.scheduler import Scheduler
 from calm_engine.engine.token_runner import TokenModelRunner
@@ -74,7 +74,7 @@ class LLMEngine:
         capacity = capacity_for(model.config, max_model_len)
         self.cache = SlotKVCache(model.config, max_batch_size, capacity, model.device, model.dtype, kv_cache_memory)
         runner_class = TokenModelRunner if isinstance(model, TokenLlama) else ModelRunner
-        self.runner = runner_class(model, self.cache) if noise is None else runner_class(model, self.cache, noise)
+        self.runner = runner_class(model, self.cache, noise or philox_noise)
         self.scheduler = Scheduler(max_batch_size)
         # T = 1 decode steps of a float32 CALM model on CPU run as one C++ call when csrc/ is built (cpu_step.py).
         use_cpu_step = use_cpu_step and isinstance(self.runner, ModelRunner) and cpu_step_available(self.runner)
@@ -201,15 +201,22 @@ class LLMEngine:
         positions = torch.tensor(positions_list, device=device)
         slot_list = [r.slot for r in requests]
         slots = torch.tensor(slot_list, device=device)
-        # Rows in consecutive slots let attention read the cache as a view, without a gather.
-        first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None
-        batch = self._sampling_batch(requests)
         self.stats["decode_rows"] += len(requests)
+        if (
+            self.cpu_step is not None
+            and self.graphs is None
+            and len(requests) <= CPU_STEP_MAX_BATCH
+            and all(r.params.samples_per_step == 1 for r in requests)
+        ):  # the C++ step needs only the noise keys, not a whole SamplingBatch
+            seeds = torch.tensor([r.seed for r in requests])
+            steps = torch.tensor([r.chunks_done for r in requests])
+            patches = self.cpu_step.run(ids, positions, slots, seeds, steps)
+            return patches, torch.zeros(len(requests), dtype=torch.bool)
+        batch = self._sampling_batch(requests)
         if self.graphs is not None and self.graphs.can_run(len(requests)):
             return self.graphs.run(ids, positions, slots, batch)
-        if self.cpu_step is not None and batch.valid.shape[1] == 1 and len(requests) <= CPU_STEP_MAX_BATCH:
-            patches = self.cpu_step.run(ids, positions, slots, batch.seeds, batch.steps)
-            return patches, torch.zeros(len(requests), dtype=torch.bool)
+        # Rows in consecutive slots let attention read the cache as a view, without a gather.
+        first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None
         hidden = self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1, first_slot=first_slot)
         return self.runner.sample_patches(hidden, batch, allow_sync=cpu)
 

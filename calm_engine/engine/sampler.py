@@ -59,22 +59,30 @@ def pool_counts(patches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return counts * valid
 
 
+def sample_log_weights(
+    counts: torch.Tensor, valid: torch.Tensor, inv_floor: torch.Tensor, inv_frac: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 2's weights per sample: counts [B, S] (pool_counts), n [B], a [B] -> (eligible [B, S] bools,
+    log-weights [B, S] float64). An eligible sample of a patch seen c times weighs c^(r) / c, so the patch gets the
+    falling power c^(r) in total, at the first level r = 1/T - j that has candidates."""
+    c = counts.double()
+    drop = (inv_floor - counts.max(-1).values).clamp_min(0)
+    level = (inv_floor - drop).double() + inv_frac.double()  # r, or r - j at the first level with candidates
+    eligible = valid & (counts >= level.floor().long()[:, None])
+    safe_c = torch.where(eligible, c, level[:, None] + 1)  # keeps lgamma's argument positive where masked
+    return eligible, torch.lgamma(safe_c + 1) - torch.lgamma(safe_c + 1 - level[:, None]) - safe_c.log()
+
+
 def approximate_choice(
     patches: torch.Tensor, valid: torch.Tensor, inv_floor: torch.Tensor, inv_frac: torch.Tensor, uniforms: torch.Tensor
 ) -> torch.Tensor:
     """Algorithm 2, generalised: the chosen sample index [B] of each row.
 
     inv_floor [B] int (n = floor(1/T)), inv_frac [B] float (a = 1/T - n), uniforms [B, S] on [0, 1) for the draw.
-    Each valid sample carries weight c^(r) / c, so a patch seen c times gets c^(r) in total; the pick is an
-    exponential race (argmax of log-weight + Gumbel noise), which needs no host sync.
+    The pick is an exponential race (argmax of log-weight + Gumbel noise) over `sample_log_weights`, which needs
+    no host sync.
     """
-    counts = pool_counts(patches, valid)
-    c = counts.double()
-    drop = (inv_floor - counts.max(-1).values).clamp_min(0)
-    level = (inv_floor - drop).double() + inv_frac.double()  # r, or r - j at the first level with candidates
-    eligible = valid & (counts >= level.floor().long()[:, None])
-    safe_c = torch.where(eligible, c, level[:, None] + 1)  # keeps lgamma's argument positive where masked
-    log_weight = torch.lgamma(safe_c + 1) - torch.lgamma(safe_c + 1 - level[:, None]) - safe_c.log()
+    eligible, log_weight = sample_log_weights(pool_counts(patches, valid), valid, inv_floor, inv_frac)
     gumbel = -torch.log(-torch.log(uniforms.double().clamp(1e-300, 1.0 - 1e-16)))
     score = torch.where(eligible, log_weight + gumbel, -torch.inf)
     return score.argmax(-1)
@@ -83,26 +91,23 @@ def approximate_choice(
 def candidate_weights(patches: torch.Tensor, valid: torch.Tensor, inverse_temperature: float):
     """One row's distinct patches with their counts and choice probabilities (tests and reports; syncs).
 
-    patches [S, K], valid [S] -> list of (patch tuple, count, probability), in order of first appearance.
+    patches [S, K], valid [S] -> list of (patch tuple, count, probability) for the candidates, in order of first
+    appearance; the probabilities are the ones approximate_choice samples from.
     """
-    counts = pool_counts(patches[None], valid[None])[0]
+    counts = pool_counts(patches[None], valid[None])
     n = int(inverse_temperature + 1e-9)
-    level = inverse_temperature - max(0, n - int(counts.max()))
+    eligible, log_weight = sample_log_weights(
+        counts, valid[None], torch.tensor([n]), torch.tensor([inverse_temperature - n], dtype=torch.float64)
+    )
+    per_sample = torch.softmax(log_weight.masked_fill(~eligible, -torch.inf), dim=-1)[0]
     seen, result = set(), []
     for j in range(patches.shape[0]):
         key = tuple(patches[j].tolist())
-        if not valid[j] or key in seen:
-            continue
-        seen.add(key)
-        c = int(counts[j])
-        if c >= int(level + 1e-9):
-            weight = torch.exp(
-                torch.lgamma(torch.tensor(c + 1.0, dtype=torch.float64))
-                - torch.lgamma(torch.tensor(c + 1.0 - level, dtype=torch.float64))
-            )
-            result.append((key, c, float(weight)))
-    total = sum(w for _, _, w in result)
-    return [(key, c, w / total) for key, c, w in result]
+        if eligible[0, j] and key not in seen:
+            seen.add(key)
+            c = int(counts[0, j])
+            result.append((key, c, float(per_sample[j]) * c))
+    return result
 
 
 @dataclass

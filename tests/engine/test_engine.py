@@ -11,6 +11,7 @@ from calm_engine import LLM, LLMEngine, SamplingParams
 from calm_engine.engine.kv_cache import KVCacheError
 from calm_engine.engine.model_runner import COUNTERS_PER_STEP
 from kernels.philox import uniform_noise_ref
+from tests.engine.batching import assert_each_equals_running_alone, run_with_arrivals_and_aborts
 from tests.model_factory import context_sensitive_model
 
 
@@ -161,30 +162,6 @@ def test_continuous_batching_equals_running_alone():
         )
         requests[f"r{i}"] = ([rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 13))], params)
     engine = LLMEngine(model, max_batch_size=8, max_model_len=48)
-    pending = list(requests)
-    aborted, finished, streamed = set(), {}, {}
-    while pending or engine.has_unfinished_requests():
-        for _ in range(rng.randint(0, 6)):
-            if pending:
-                request_id = pending.pop(0)
-                engine.add_request(request_id, *requests[request_id])
-        live = sorted(engine.scheduler.running) + [r.request_id for r in engine.scheduler.waiting]
-        if rng.random() < 0.2 and live:  # running or still queued
-            victim = rng.choice(live)
-            assert engine.abort(victim)
-            aborted.add(victim)
-        for out in engine.step():
-            assert out.request_id not in finished, "output after finishing"
-            streamed.setdefault(out.request_id, []).extend(out.new_token_ids)
-            assert streamed[out.request_id] == out.token_ids
-            if out.finished:
-                finished[out.request_id] = out
-        assert len(engine.scheduler.running) <= 8
-    assert set(finished) | aborted == set(requests) and not set(finished) & aborted
+    finished, aborted = run_with_arrivals_and_aborts(engine, requests, rng, max_arrivals=6, abort_rate=0.2)
     assert len(aborted) >= 3 and {out.finish_reason for out in finished.values()} >= {"length"}
-    assert sorted(engine.scheduler.free_slots) == list(range(8)), "a slot was not returned"
-    alone = LLM(model, max_batch_size=1, max_model_len=48)
-    for request_id, out in finished.items():
-        expected = alone.generate([requests[request_id][0]], requests[request_id][1])[0]
-        assert out.token_ids == expected.token_ids, request_id
-        assert out.finish_reason == expected.finish_reason
+    assert_each_equals_running_alone(model, requests, finished, max_model_len=48)

@@ -21,6 +21,7 @@ from calm_engine.model.token_llama import TokenLlama, save_token_llama
 from kernels import triton_available
 from kernels.philox import uniform_noise_ref
 from tests.conftest import assert_rel_close
+from tests.engine.batching import assert_each_equals_running_alone, run_with_arrivals_and_aborts
 from tests.model_factory import random_token_llama
 from tests.stats import empirical, total_variation, tv_threshold
 
@@ -177,32 +178,9 @@ def test_continuous_batching_equals_running_alone():
         prompt = [rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(1, 13))]
         requests[f"r{i}"] = (prompt, params)
     engine = LLMEngine(model, max_batch_size=6, max_model_len=32)
-    pending = list(requests)
-    aborted, finished, streamed = set(), {}, {}
-    while pending or engine.has_unfinished_requests():
-        for _ in range(rng.randint(0, 4)):
-            if pending:
-                request_id = pending.pop(0)
-                engine.add_request(request_id, *requests[request_id])
-        live = sorted(engine.scheduler.running) + [r.request_id for r in engine.scheduler.waiting]
-        if rng.random() < 0.1 and live:
-            victim = rng.choice(live)
-            assert engine.abort(victim)
-            aborted.add(victim)
-        for out in engine.step():
-            assert out.request_id not in finished, "output after finishing"
-            streamed.setdefault(out.request_id, []).extend(out.new_token_ids)
-            assert streamed[out.request_id] == out.token_ids
-            if out.finished:
-                finished[out.request_id] = out
-        assert len(engine.scheduler.running) <= 6
-    assert set(finished) | aborted == set(requests) and not set(finished) & aborted
-    assert len(aborted) >= 1 and sorted(engine.scheduler.free_slots) == list(range(6))
-    alone = LLM(model, max_batch_size=1, max_model_len=32)
-    for request_id, out in finished.items():
-        expected = alone.generate([requests[request_id][0]], requests[request_id][1])[0]
-        assert out.token_ids == expected.token_ids, request_id
-        assert out.finish_reason == expected.finish_reason
+    finished, aborted = run_with_arrivals_and_aborts(engine, requests, rng, max_arrivals=4, abort_rate=0.1)
+    assert len(aborted) >= 1
+    assert_each_equals_running_alone(model, requests, finished, max_model_len=32)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
