@@ -70,15 +70,58 @@ struct Norm {
 };
 
 // out[:, n0:n1] of out [rows, l.out] = in [rows, l.in] @ weight[n0:n1]^T + bias[n0:n1] (+ out if accumulate).
+// With `best` set it is the vocabulary projection instead: out is unused, and for every row the first maximum of
+// the logits over columns n0..n1 goes to best (see run_argmax).
+struct ArgmaxResult;
 struct GemmTask {
   const Linear* l = nullptr;
   const float* in = nullptr;
   float* out = nullptr;
   int rows = 0, n0 = 0, n1 = 0;
   bool accumulate = false;
+  ArgmaxResult* best = nullptr;
 };
 
+// Per row, the largest logit seen and its first column; `logits` is the thread's tile buffer.
+struct ArgmaxResult {
+  std::vector<float> value;
+  std::vector<int64_t> index;
+  std::vector<float> logits;
+};
+
+constexpr int kVocabTile = 512;  // logits of a tile stay in L2 (64 KB at 32 rows) while they are reduced
+
+// Logits in column tiles, each reduced to (max, first argmax) per row at once, so no more than one tile of logits
+// ever exists and the reduction is vectorised: max first, then the first column equal to it.
+void run_argmax(Sgemm sgemm, const GemmTask& t) {
+  const Linear& l = *t.l;
+  ArgmaxResult& best = *t.best;
+  best.value.assign(t.rows, -INFINITY);
+  best.index.assign(t.rows, t.n0);
+  best.logits.resize(static_cast<size_t>(t.rows) * kVocabTile);
+  const float one = 1.0f, zero = 0.0f;
+  for (int c0 = t.n0; c0 < t.n1; c0 += kVocabTile) {
+    const int n = std::min(kVocabTile, t.n1 - c0);
+    sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(c0) * l.in, &l.in, t.in, &l.in, &zero,
+          best.logits.data(), &n);
+    for (int r = 0; r < t.rows; ++r) {
+      const float* row = best.logits.data() + static_cast<size_t>(r) * n;
+      float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+      for (int c = 0; c < n; ++c) top = std::max(top, row[c]);
+      if (top > best.value[r]) {  // strictly greater: an earlier tile keeps a tie
+        best.value[r] = top;
+        best.index[r] = c0 + (std::find(row, row + n, top) - row);
+      }
+    }
+  }
+}
+
 void run_gemm(Sgemm sgemm, const GemmTask& t) {
+  if (t.best != nullptr) {
+    run_argmax(sgemm, t);
+    return;
+  }
   // Column-major view: out^T [n, rows] (leading dimension l.out) = weight rows n0..n1 (stored as in x n
   // column-major, hence 'T') @ in^T.
   const Linear& l = *t.l;
@@ -438,7 +481,7 @@ class DecodeStep {
 
   void decode_argmax(const std::vector<float>& latent, int batch, int64_t* out) {
     const int a = ae_hidden_;
-    std::vector<float> x, expanded, normed, logits;
+    std::vector<float> x, expanded, normed;
     gemm(latent_to_hidden_, latent.data(), batch, x);
     const size_t stage = ae_layers_.size() / 2;
     for (size_t i = 0; i < stage; ++i)
@@ -449,22 +492,25 @@ class DecodeStep {
       gated_mlp(ae_layers_[i].norm, ae_layers_[i].gate_up, ae_layers_[i].down, ae_act_, expanded, rows, a);
     normed.resize(expanded.size());
     rms_norm(ae_norm_, expanded.data(), normed.data(), rows, a);
-    // At most 4M logits (16 MB) at once, and as many rows per block as fit: every block streams the whole
-    // embedding (263 MB at CALM-M), so 16-row blocks of a batch of 8 (32 rows) read it twice.
-    const int rows_per_block = std::max(1, (1 << 22) / vocab_);
-    for (int start = 0; start < rows; start += rows_per_block) {
-      const int count = std::min(rows_per_block, rows - start);
-      gemm(lm_head_, normed.data() + static_cast<size_t>(start) * a, count, logits);
-      for (int r = 0; r < count; ++r) {
-        const float* l = logits.data() + static_cast<size_t>(r) * vocab_;
-        out[start + r] = std::max_element(l, l + vocab_) - l;  // first maximum, as torch.argmax
-      }
+    // The two threads take the two halves of the vocabulary, each in tiles (run_argmax); the lower half wins ties.
+    GemmTask mine{&lm_head_, normed.data(), nullptr, rows, 0, vocab_, false, &argmax_[0]};
+    if (worker_ && vocab_ >= 2 * kVocabTile) {
+      GemmTask theirs = mine;
+      mine.n1 = theirs.n0 = (vocab_ / 2) & ~15;
+      theirs.best = &argmax_[1];
+      worker_->run_pair(mine, theirs);
+      for (int r = 0; r < rows; ++r)
+        out[r] = argmax_[1].value[r] > argmax_[0].value[r] ? argmax_[1].index[r] : argmax_[0].index[r];
+    } else {
+      run_gemm(sgemm_, mine);
+      std::copy(argmax_[0].index.begin(), argmax_[0].index.end(), out);
     }
   }
 
   Sgemm sgemm_;
   SetThreadsLocal set_threads_;
   std::unique_ptr<GemmWorker> worker_;
+  ArgmaxResult argmax_[2];  // the vocabulary halves of this thread and of the worker
   std::vector<FloatArray> keep_;
   int hidden_, heads_, kv_heads_, head_dim_, patch_, noise_, latent_, ae_hidden_, vocab_, capacity_, slots_;
   Activation act_, ae_act_;

@@ -9,6 +9,7 @@ from calm_engine import LLM, SamplingParams
 from calm_engine.engine import cpu_step
 from calm_engine.engine.kv_cache import SlotKVCache
 from calm_engine.engine.model_runner import ModelRunner, SamplingBatch
+from calm_engine.model.calm import CalmModel
 from tests.engine.test_model_runner import SHAPES
 from tests.model_factory import context_sensitive_model
 
@@ -67,3 +68,39 @@ def test_engine_output_is_the_same_with_and_without_the_cpu_step():
     assert [o.token_ids for o in fast.generate(prompts, params)] == [
         o.token_ids for o in slow.generate(prompts, params)
     ]
+
+
+def _step_and_reference(model: CalmModel, rows: int = 6):
+    cache = SlotKVCache(model.config, rows, 8, model.device, model.dtype)
+    runner = ModelRunner(model, cache)
+    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
+    positions, slots = torch.zeros(rows, dtype=torch.long), torch.arange(rows)
+    seeds, steps = torch.arange(rows) + 11, torch.zeros(rows, dtype=torch.long)
+    hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
+    batch = SamplingBatch(
+        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
+    )  # fmt: skip
+    expected, _ = runner.sample_patches(hidden, batch)
+    for tensor in cache.keys + cache.values:
+        tensor.zero_()
+    return cpu_step.CpuDecodeStep(runner).run(ids, positions, slots, seeds, steps), expected
+
+
+@pytest.mark.parametrize("vocab_size", [1024, 2999])  # the vocabulary split in halves and 512-column tiles
+def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size):
+    torch.manual_seed(vocab_size)
+    model = context_sensitive_model(seed=3, vocab_size=vocab_size)
+    got, expected = _step_and_reference(model)
+    assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_cpu_step_argmax_ties_go_to_the_first_id():
+    """Every vocabulary row equal: every logit ties, across tiles and across the two threads' halves."""
+    model = context_sensitive_model(seed=4, vocab_size=2999)
+    embedding = model.autoencoder.encoder.embed_tokens.weight
+    embedding.copy_(embedding[:1].expand_as(embedding))
+    got, expected = _step_and_reference(model)
+    assert torch.equal(expected, torch.zeros_like(expected))
+    assert torch.equal(got, expected)
