@@ -1,5 +1,8 @@
-"""The `calm` command line: `calm inspect PATH` (config, parameter counts by component, dtype) of a CALM,
-autoencoder or token-level Llama checkpoint."""
+"""The `calm` command line.
+
+calm generate [PROMPT ...]   continue prompts (arguments, else lines of stdin) with the default or a given model
+calm inspect PATH            config, parameter counts by component and dtype of a checkpoint
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import CheckpointError, load, load_autoencoder, read_weights
 from calm_engine.model.config import ConfigError
 from calm_engine.model.token_llama import TokenLlama
+from calm_engine.sampling_params import SamplingParams
 from calm_engine.tokenizer import TokenizerError
 
 
@@ -88,9 +93,62 @@ def inspect(path: Path, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def generate(args: argparse.Namespace, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """Continue every prompt; a single prompt streams to stdout as it is generated, several print when done."""
+    prompts = args.prompts or [line.rstrip("\n") for line in stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give prompts as arguments or one per line on stdin")
+    llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.batch)
+    if llm.model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer, so it cannot take text prompts")
+    params = [
+        SamplingParams(
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            num_samples=args.num_samples,
+            seed=None if args.seed is None else args.seed + i,
+        )
+        for i in range(len(prompts))
+    ]
+    if len(prompts) == 1 and not args.no_stream:
+        _stream(llm, prompts[0], params[0], stdout)
+        return
+    for i, output in enumerate(llm.generate(prompts, params)):
+        separator = "\n" if i < len(prompts) - 1 else ""
+        stdout.write(f"{prompts[i]}{output.text}\n{separator}")
+
+
+def _stream(llm: LLM, prompt: str, params: SamplingParams, stdout) -> None:
+    """Print the prompt, then the continuation as each step's K tokens arrive. The text is re-decoded from all ids
+    so far, because a byte-level token can end inside a UTF-8 character; an incomplete character waits a step."""
+    engine, tokenizer = llm.engine, llm.model.tokenizer
+    engine.add_request("cli", prompt, params)
+    stdout.write(prompt)
+    stdout.flush()
+    shown = ""
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            text = output.text if output.finished else tokenizer.decode(output.token_ids).rstrip("\ufffd")
+            if text.startswith(shown):
+                stdout.write(text[len(shown) :])
+                stdout.flush()
+                shown = text
+    stdout.write("\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calm", description="Inference engine for CALM models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    generate_cmd = commands.add_parser("generate", help="continue prompts (arguments, else lines of stdin)")
+    generate_cmd.add_argument("prompts", nargs="*", help="prompt texts; without any, one prompt per line of stdin")
+    generate_cmd.add_argument("--model", default=None, help="a checkpoint directory (default: the shipped model)")
+    generate_cmd.add_argument("--temperature", type=float, default=0.5, help="in (0, 1] (default 0.5, as the paper)")
+    generate_cmd.add_argument("--max-tokens", type=int, default=64)
+    generate_cmd.add_argument("--num-samples", type=int, default=200, help="head samples per step when T < 1")
+    generate_cmd.add_argument("--seed", type=int, default=None, help="prompt i uses seed + i (default: random)")
+    generate_cmd.add_argument("--batch", type=int, default=64, help="requests decoded together at most")
+    generate_cmd.add_argument("--no-stream", action="store_true", help="print a single prompt's output when done")
+    generate_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     inspect_cmd = commands.add_parser("inspect", help="print a checkpoint's config, parameter counts and dtype")
     inspect_cmd.add_argument("path", type=Path, help="a CALM, autoencoder or token-level Llama checkpoint directory")
     inspect_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -103,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             print(inspect(args.path, args.dtype))
-    except (CheckpointError, ConfigError, TokenizerError) as error:
+        elif args.command == "generate":
+            generate(args)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
         print(f"calm {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

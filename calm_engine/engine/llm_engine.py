@@ -302,14 +302,15 @@ class LLMEngine:
 class LLM:
     """Offline batched generation: `LLM(path).generate(prompts, SamplingParams(...))`.
 
-    model: a checkpoint directory (CALM or token-level Llama) or a loaded CalmModel / TokenLlama. Remaining keywords
+    model: a checkpoint directory (CALM or token-level Llama), a loaded CalmModel / TokenLlama, or None for the shipped
+    default model. Remaining keywords
     go to LLMEngine (max_batch_size, max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph,
     cuda_graph_buckets, use_cpu_step).
     """
 
     def __init__(
         self,
-        model: str | CalmModel | TokenLlama,
+        model: str | CalmModel | TokenLlama | None = None,
         *,
         device="cpu",
         dtype=torch.float32,

@@ -46,6 +46,11 @@ EMBEDDING_KEY = "encoder.embed_tokens.weight"
 OFFICIAL_PREFIXES = {"transformer.": "backbone.", "mlp_generator.": "generative_head."}
 DUPLICATE_HEAD_PREFIX = "generative_head."
 AE_PREFIX = "ae_model."
+# The small CALM model trained by this project and shipped as package data (see its MODEL_CARD.md): what `load()`
+# returns when no path is given, so that the engine works offline.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+DEFAULT_CALM = DEFAULT_MODEL_DIR / "calm"
+DEFAULT_TOKEN_BASELINE = DEFAULT_MODEL_DIR / "token_baseline"
 
 
 class CheckpointError(ValueError):
@@ -57,7 +62,7 @@ class CheckpointError(ValueError):
 
 
 def load(
-    path: str | Path,
+    path: str | Path | None = None,
     *,
     ae_path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -71,7 +76,10 @@ def load(
     from the config's `ae_path` (tried relative to the checkpoint's parent, the checkpoint, the working directory).
     Its config comes from `ae_path` or the config's `ae_path` when either holds a config.json, else it is read off
     the weight shapes. The tokenizer comes from `tokenizer` (a directory) or the checkpoint directory, if any.
+    Without a path it loads the shipped default model (DEFAULT_CALM).
     """
+    if path is None:
+        path = default_model_path()
     directory = _existing_dir(path, "checkpoint")
     dtype, device = _resolve_dtype(dtype), torch.device(device)
     from calm_engine.model.token_llama import is_token_llama_checkpoint, load_token_llama  # it imports this module
@@ -116,6 +124,19 @@ def load(
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
     model.tokenizer = _tokenizer_for(directory, tokenizer, config.pad_token_id)
     return model.eval().requires_grad_(False)
+
+
+def default_model_path(which: str = "calm") -> Path:
+    """The shipped default CALM model ("calm") or its token-level baseline ("token_baseline")."""
+    directory = {"calm": DEFAULT_CALM, "token_baseline": DEFAULT_TOKEN_BASELINE}.get(which)
+    if directory is None:
+        raise ValueError(f"which must be 'calm' or 'token_baseline', got {which!r}")
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(
+            f"the default model is not installed ({directory} has no config.json): reinstall calm-engine, or pass a "
+            "checkpoint path"
+        )
+    return directory
 
 
 def load_autoencoder(
