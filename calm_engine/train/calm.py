@@ -128,7 +128,7 @@ def calm_loss(
         targets = (mean + eps * log_std.exp()).movedim(0, -2)  # [B, n-1, M, latent]
     noise = torch.rand((num_samples, *hidden.shape[:-1], model.config.noise_size), generator=generator) - 0.5
     samples = model.generative_head(hidden.expand(num_samples, *hidden.shape), noise).movedim(0, -2)
-    return energy_loss(samples, targets).mean()
+    return energy_loss(samples.float(), targets.float()).mean()  # distances in float32 even under bf16 autocast
 
 
 @torch.no_grad()

@@ -53,6 +53,9 @@ class LoopConfig:
     log_interval: int = 10
     eval_interval: int = 200
     eval_batches: int = 4
+    # bfloat16 autocast for the forward and backward (weights and AdamW stay float32), as the official scripts train;
+    # on a 2-core AMX Xeon its 4096x256x1024 matmul ran 2.1x and a CALM training step 1.2-1.5x as fast as float32.
+    bf16: bool = False
 
     def __post_init__(self):
         for name in (
@@ -77,6 +80,8 @@ class LoopConfig:
             raise ValueError(
                 f"eval_interval ({self.eval_interval}) must be a multiple of log_interval ({self.log_interval})"
             )
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be true or false, got {self.bf16!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
 
@@ -169,7 +174,9 @@ def train_loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
             model.train()
-            loss = loss_fn(random_windows(train_stream, config.batch_size, config.window_tokens, generator))
+            windows = random_windows(train_stream, config.batch_size, config.window_tokens, generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = loss_fn(windows)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the training loss is {loss.item()} at step {step}; lower lr or grad_clip")
             optimizer.zero_grad(set_to_none=True)
@@ -190,7 +197,8 @@ def train_loop(
             recent = []
             if done % config.eval_interval == 0 or done == config.steps:
                 model.eval()
-                evaluation = evaluate()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                    evaluation = evaluate()
                 log(f"step {done}/{config.steps}  held-out " + "  ".join(f"{k} {v:.4f}" for k, v in evaluation.items()))
                 history.append({"step": done, "train_loss": train_loss, **evaluation})
             interval_start = time.perf_counter()  # evaluation time is not training time

@@ -75,7 +75,7 @@ class TokenLmTrainConfig(LoopConfig):
 def token_lm_loss(model: TokenLlama, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) over windows [B, T]: position t predicts token t+1."""
     logits = model.logits(model.backbone(model.backbone.embed_tokens(windows[:, :-1])))
-    return F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
 @torch.no_grad()

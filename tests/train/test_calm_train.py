@@ -106,12 +106,13 @@ def autoencoder_dir(tmp_path):
     return directory
 
 
-def test_tiny_calm_learns_and_generates(autoencoder_dir, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_tiny_calm_learns_and_generates(autoencoder_dir, tmp_path, bf16):
     # A repeating 12-token cycle: each chunk determines the next, so the head can learn to hit the posterior.
     cycle = torch.arange(3, 15)
     stream = cycle.repeat(60)
     logs = []
-    config = CalmTrainConfig(**TINY_TRAIN)
+    config = CalmTrainConfig(**TINY_TRAIN, bf16=bf16)
     metrics = train_calm(
         config, autoencoder_dir, stream, stream[:200], 97, SpecialIds(), tmp_path / "calm", log=logs.append
     )
