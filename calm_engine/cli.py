@@ -93,9 +93,10 @@ def inspect(path: Path, dtype: str) -> str:
     return "\n".join(lines)
 
 
-def generate(args: argparse.Namespace, stdin=sys.stdin, stdout=sys.stdout) -> None:
+def generate(args: argparse.Namespace) -> None:
     """Continue every prompt; a single prompt streams to stdout as it is generated, several print when done."""
-    prompts = args.prompts or [line.rstrip("\n") for line in stdin if line.strip()]
+    stdout = sys.stdout
+    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give prompts as arguments or one per line on stdin")
     llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.batch)
@@ -136,6 +137,14 @@ def _stream(llm: LLM, prompt: str, params: SamplingParams, stdout) -> None:
     stdout.write("\n")
 
 
+def train(args: argparse.Namespace) -> None:
+    from calm_engine.train.recipe import DEFAULT_RECIPE, QUICK_RECIPE, STAGES, train_default_model
+
+    torch.set_grad_enabled(True)
+    recipe = QUICK_RECIPE if args.quick else DEFAULT_RECIPE
+    train_default_model(args.out, recipe, python_docs_dir=args.python_docs, stages=tuple(args.stages or STAGES))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calm", description="Inference engine for CALM models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--batch", type=int, default=64, help="requests decoded together at most")
     generate_cmd.add_argument("--no-stream", action="store_true", help="print a single prompt's output when done")
     generate_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    train_cmd = commands.add_parser("train", help="train the default model's recipe into a folder")
+    train_cmd.add_argument("out", type=Path, help="output folder (one subfolder per stage)")
+    train_cmd.add_argument("--quick", action="store_true", help="a minuscule model in under two minutes")
+    train_cmd.add_argument(
+        "--python-docs", type=Path, default=None, help="the python3.11-doc package extracted with dpkg-deb -x"
+    )
+    train_cmd.add_argument("--stages", nargs="+", default=None, help="corpus tokenizer autoencoder calm token_baseline")
     inspect_cmd = commands.add_parser("inspect", help="print a checkpoint's config, parameter counts and dtype")
     inspect_cmd.add_argument("path", type=Path, help="a CALM, autoencoder or token-level Llama checkpoint directory")
     inspect_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -163,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             print(inspect(args.path, args.dtype))
         elif args.command == "generate":
             generate(args)
+        elif args.command == "train":
+            train(args)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
         print(f"calm {args.command}: error: {error}", file=sys.stderr)
         return 2

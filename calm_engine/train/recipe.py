@@ -1,0 +1,219 @@
+"""The recipe behind the shipped default model (`calm train OUT`): corpus -> tokenizer -> autoencoder -> CALM -> the
+token-level baseline, each stage writing a folder of OUT that the next one reads.
+
+    OUT/corpus/           train.jsonl, heldout.jsonl, corpus.json (corpus.py)
+    OUT/tokenizer/        tokenizer.json (bpe.py)
+    OUT/autoencoder/      the chunk autoencoder (autoencoder.py)
+    OUT/calm/             the CALM model, its autoencoder and tokenizer inside: what `calm_engine.load` reads
+    OUT/token_baseline/   the token-level Llama of the same backbone
+    OUT/training.json     the recipe and every stage's metrics
+
+Stages can be run one at a time (`--stages`); each later stage reads what the earlier ones left in OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from calm_engine.tokenizer import HuggingFaceTokenizer
+from calm_engine.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
+from calm_engine.train.bpe import TOKENIZER_FILE, train_bpe
+from calm_engine.train.calm import CalmTrainConfig, train_calm
+from calm_engine.train.corpus import Corpus, build_corpus
+from calm_engine.train.loop import SpecialIds
+from calm_engine.train.token_lm import TokenLmTrainConfig, train_token_lm
+from calm_engine.train.windows import token_stream
+
+STAGES = ("corpus", "tokenizer", "autoencoder", "calm", "token_baseline")
+RECORD_FILE = "training.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained models. max_documents keeps the first documents of each split only
+    (the quick recipe); None keeps all."""
+
+    vocab_size: int
+    autoencoder: AutoencoderTrainConfig
+    calm: CalmTrainConfig
+    token_baseline: TokenLmTrainConfig
+    max_documents: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The shipped model: sizes and steps chosen so that every stage trains in about 10-30 minutes on 2 CPU cores
+# (model card: calm_engine/default_model/MODEL_CARD.md).
+DEFAULT_RECIPE = Recipe(
+    vocab_size=8192,
+    autoencoder=AutoencoderTrainConfig(
+        hidden_size=256, intermediate_size=640, latent_size=32, steps=2000, batch_chunks=512, bf16=True
+    ),
+    calm=CalmTrainConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_mlp_layers=2,
+        noise_size=64,
+        window_tokens=512,
+        batch_size=4,
+        steps=1200,
+        lr=1e-3,
+        warmup_steps=100,
+        log_interval=20,
+        eval_interval=200,
+        bf16=True,
+    ),
+    token_baseline=TokenLmTrainConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        window_tokens=512,
+        batch_size=4,
+        steps=700,
+        lr=1e-3,
+        warmup_steps=100,
+        log_interval=20,
+        eval_interval=100,
+        bf16=True,
+    ),
+)
+
+# A minuscule end-to-end run (under two minutes on 2 cores): the pipeline works, the text is not meant to be good.
+QUICK_RECIPE = Recipe(
+    vocab_size=384,
+    autoencoder=AutoencoderTrainConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        latent_size=8,
+        steps=150,
+        batch_chunks=128,
+        log_interval=50,
+        eval_interval=150,
+        eval_tokens=4096,
+        bf16=False,
+    ),
+    calm=CalmTrainConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_mlp_layers=1,
+        noise_size=8,
+        target_samples=16,
+        window_tokens=64,
+        batch_size=4,
+        steps=60,
+        lr=3e-3,
+        warmup_steps=10,
+        log_interval=20,
+        eval_interval=60,
+        eval_batches=2,
+    ),
+    token_baseline=TokenLmTrainConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        window_tokens=64,
+        batch_size=4,
+        steps=60,
+        lr=3e-3,
+        warmup_steps=10,
+        log_interval=20,
+        eval_interval=60,
+        eval_batches=2,
+    ),
+    max_documents=40,
+)
+
+
+def train_default_model(
+    out_dir: str | Path,
+    recipe: Recipe = DEFAULT_RECIPE,
+    *,
+    python_docs_dir: str | Path | None = None,
+    stages: tuple[str, ...] = STAGES,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run `stages` of the recipe into out_dir; returns the record written to out_dir/training.json (kept across
+    runs, so stages run one at a time add up)."""
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; the stages are {list(STAGES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / RECORD_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record["recipe"] = recipe.to_dict()
+
+    def finish(stage: str, metrics: dict, started: float) -> None:
+        record[stage] = {**metrics, "wall_seconds": round(time.time() - started, 1)}
+        record_path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+    if "corpus" in stages:
+        started = time.time()
+        log("== corpus")
+        corpus = build_corpus(python_docs_dir)
+        if recipe.max_documents is not None:
+            corpus = Corpus(corpus.train[: recipe.max_documents], corpus.heldout[: max(1, recipe.max_documents // 10)])
+        corpus.save(out / "corpus")
+        finish("corpus", {"documents": {"train": len(corpus.train), "heldout": len(corpus.heldout)}}, started)
+    if "tokenizer" in stages:
+        started = time.time()
+        log("== tokenizer")
+        corpus = _require(out / "corpus", "corpus", Corpus.load)
+        special = train_bpe((document.text for document in corpus.train), out / "tokenizer", recipe.vocab_size)
+        finish("tokenizer", {"vocab_size": recipe.vocab_size, "special_ids": dataclasses.asdict(special)}, started)
+    model_stages = [stage for stage in stages if stage in ("autoencoder", "calm", "token_baseline")]
+    if not model_stages:
+        return record
+
+    corpus = _require(out / "corpus", "corpus", Corpus.load)
+    tokenizer_json = out / "tokenizer" / TOKENIZER_FILE
+    tokenizer = _require(tokenizer_json, "tokenizer", HuggingFaceTokenizer)
+    special = SpecialIds()  # bpe.py puts <|pad|>, <|bos|>, <|eos|> at 0, 1, 2
+    train_ids, heldout_ids = (
+        token_stream([tokenizer.encode(document.text) for document in documents], special.eos_token_id)
+        for documents in (corpus.train, corpus.heldout)
+    )
+    log(f"streams: {train_ids.numel():,} training tokens, {heldout_ids.numel():,} held-out tokens")
+    record["tokens"] = {"train": train_ids.numel(), "heldout": heldout_ids.numel()}
+    vocab = recipe.vocab_size
+    if "autoencoder" in stages:
+        started = time.time()
+        log("== autoencoder")
+        metrics = train_autoencoder(recipe.autoencoder, train_ids, heldout_ids, vocab, out / "autoencoder", log=log)
+        finish("autoencoder", metrics, started)
+    if "calm" in stages:
+        started = time.time()
+        log("== calm")
+        _require(out / "autoencoder" / "config.json", "autoencoder", Path)
+        metrics = train_calm(
+            recipe.calm, out / "autoencoder", train_ids, heldout_ids, vocab, special, out / "calm",
+            tokenizer_json=tokenizer_json, log=log,
+        )  # fmt: skip
+        finish("calm", metrics, started)
+    if "token_baseline" in stages:
+        started = time.time()
+        log("== token baseline")
+        metrics = train_token_lm(
+            recipe.token_baseline, train_ids, heldout_ids, vocab, special, out / "token_baseline",
+            tokenizer_json=tokenizer_json, log=log,
+        )  # fmt: skip
+        finish("token_baseline", metrics, started)
+    return record
+
+
+def _require(path: Path, stage: str, read):
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first (calm train OUT --stages {stage})")
+    return read(path)
