@@ -10,15 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calm_engine.brierlm import MAX_NGRAM, calm_brier_estimates, calm_start_positions, rollout_steps
 from tests.conftest import assert_rel_close
 
 REL_TOL = 1e-4
 
-# Cases (or parts of cases) that need code beyond the model API: the issue that brings each names its test.
-# The engine's parts of the generate and sampler cases are checked in test_engine_conformance.py.
-DEFERRED = {
-    "brier": "brier1..4 and the loss belong to the BrierLM issue; latents and targets are checked here",
-}
+# The engine's parts of the generate and sampler cases are checked in test_engine_conformance.py; the energy loss
+# of the brier case is a training quantity and is not checked.
 CHECKED = {
     "ae_encode",
     "ae_decode",
@@ -42,13 +40,8 @@ def require(fixture, name: str) -> dict:
 
 def test_every_case_is_known(fixture):
     """A case this suite does not know means the suite is incomplete for this fixture."""
-    unknown = sorted(set(fixture.cases) - CHECKED - set(DEFERRED))
+    unknown = sorted(set(fixture.cases) - CHECKED)
     assert not unknown, f"cases without a check: {unknown}"
-
-
-def test_deferred_parts(fixture):
-    present = sorted(set(DEFERRED) & set(fixture.cases))
-    pytest.skip("not covered by the model API yet: " + "; ".join(f"{c}: {DEFERRED[c]}" for c in present))
 
 
 def test_ae_encode(fixture, autoencoder):
@@ -166,3 +159,40 @@ def test_brier_samples_and_targets(fixture, model):
     hidden = model.hidden_states(ids)[:, :-1].reshape(-1, model.config.hidden_size)  # positions predicting a target
     latents = model.sample_latent(hidden[None].expand(2, -1, -1), noise[:2].reshape(2, hidden.shape[0], -1))
     assert_rel_close(latents, fixture.output("brier", "first_two_latents"), REL_TOL, "first_two_latents")
+
+
+def test_brier_values(fixture, model):
+    """Brier-1..4 of the reference's eval_brier from the recorded noise.
+
+    The teacher-forced samples use rows 0 and 1 of rand_noise.0 [samples, targets, noise]. With K < 4 the reference
+    rolls forward (one torch.rand call of [2, 1, 1, noise] per step) only from start positions whose two samples
+    agree on the whole chunk, in position order; the other positions' roll-out noise is never used.
+    """
+    case = require(fixture, "brier")
+    if "brier.values" not in fixture.tensors:
+        pytest.skip(f"fixture {fixture.root} records no brier values")
+    ids = fixture.input("brier", 0)
+    k, noise_size = model.config.patch_size, model.config.noise_size
+    chunks, steps = ids.shape[1] // k, rollout_steps(k)
+    noise = fixture.tensors["brier.rand_noise.0"][:2].reshape(2, 1, chunks - 1, noise_size)
+    rollout_noise = None
+    if steps > 1:
+        if steps != 2:
+            pytest.fail(f"this test replays roll-outs of one step (K = 2 or 3), not K={k}")
+        positions = calm_start_positions(chunks, k)
+        hidden = model.hidden_states(ids[:, :-k])[0, :positions]
+        latents = model.sample_latent(hidden.expand(2, -1, -1), noise[:, 0, :positions])
+        first, second = (model.autoencoder.decode_ids(latents[i, :, None]) for i in range(2))
+        starts = (first == second).all(-1).nonzero()[:, 0].tolist()
+        calls = [fixture.tensors[f"brier.rand_noise.{c}"] for c in range(1, len(case["rand_calls"]))]
+        assert len(calls) == len(starts), f"{len(calls)} recorded roll-outs, but the samples agree at {starts}"
+        assert starts == case.get("rollout_start_positions", starts)
+        rollout_noise = torch.zeros(1, 2, 1, positions, noise_size)
+        for start, call in zip(starts, calls, strict=True):
+            rollout_noise[0, :, 0, start] = call.reshape(2, noise_size)
+    estimates, valid = calm_brier_estimates(model, ids, noise=noise, rollout_noise=rollout_noise)
+    assert valid.all()
+    values = estimates[0].mean(0)
+    expected = fixture.output("brier", "values")
+    assert values.shape == (MAX_NGRAM,)
+    assert torch.allclose(values, expected, rtol=0, atol=1e-6), f"brier1..4 {values.tolist()} != {expected.tolist()}"
