@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from calm_engine.brierlm import add_brierlm_arguments, run_brierlm
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import CheckpointError, load, load_autoencoder, read_weights
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--batch", type=int, default=64, help="requests decoded together at most")
     generate_cmd.add_argument("--no-stream", action="store_true", help="print a single prompt's output when done")
     generate_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    eval_cmd = commands.add_parser("eval", help="evaluate a model")
+    metrics = eval_cmd.add_subparsers(dest="metric", required=True)
+    add_brierlm_arguments(metrics.add_parser("brierlm", help="BrierLM (Brier-1..4) on a jsonl of documents"))
     train_cmd = commands.add_parser("train", help="train the default model's recipe into a folder")
     train_cmd.add_argument("out", type=Path, help="output folder (one subfolder per stage)")
     train_cmd.add_argument("--quick", action="store_true", help="a minuscule model in under two minutes")
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(args)
         elif args.command == "train":
             train(args)
+        elif args.command == "eval":
+            return run_brierlm(args)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
         print(f"calm {args.command}: error: {error}", file=sys.stderr)
         return 2

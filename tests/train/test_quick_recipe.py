@@ -36,3 +36,8 @@ def test_quick_recipe_trains_loads_and_generates(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", str(out / "calm"), "--seed", "1", "--max-tokens", "8", "Good morrow"]) == 0
     assert capsys.readouterr().out.startswith("Good morrow")
+
+    data = out / "corpus" / "heldout.jsonl"
+    for model_dir in (out / "calm", out / "token_baseline"):
+        assert main(["eval", "brierlm", str(model_dir), "--data", str(data), "--max-documents", "2"]) == 0
+        assert "BrierLM" in capsys.readouterr().out
