@@ -42,6 +42,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["calm_engine", "calm_engine.*", "kernels", "kernels.*"]),
+    # The shipped default model (calm_engine/default_model/): what `calm_engine.load()` and `calm generate` use offline.
+    package_data={"calm_engine": ["default_model/*.md", "default_model/*/*", "default_model/*/*/*"]},
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "numpy<2.4",  # the version range triton 3.6.0's interpreter (CPU kernel tests) is used with

@@ -6,6 +6,7 @@ token-level baseline, each stage writing a folder of OUT that the next one reads
     OUT/autoencoder/      the chunk autoencoder (autoencoder.py)
     OUT/calm/             the CALM model, its autoencoder and tokenizer inside: what `calm_engine.load` reads
     OUT/token_baseline/   the token-level Llama of the same backbone
+    OUT/export/           both models with float16 weights, the form shipped in calm_engine/default_model/
     OUT/training.json     the recipe and every stage's metrics
 
 Stages can be run one at a time (`--stages`); each later stage reads what the earlier ones left in OUT.
@@ -15,11 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+import calm_engine
+from calm_engine.model.checkpoint import save_calm
+from calm_engine.model.token_llama import save_token_llama
 from calm_engine.tokenizer import HuggingFaceTokenizer
 from calm_engine.train.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from calm_engine.train.bpe import TOKENIZER_FILE, train_bpe
@@ -29,7 +36,9 @@ from calm_engine.train.loop import SpecialIds
 from calm_engine.train.token_lm import TokenLmTrainConfig, train_token_lm
 from calm_engine.train.windows import token_stream
 
-STAGES = ("corpus", "tokenizer", "autoencoder", "calm", "token_baseline")
+STAGES = ("corpus", "tokenizer", "autoencoder", "calm", "token_baseline", "export")
+# float16 keeps 11 significant bits of every weight (bfloat16 keeps 8) at half the size; models load as float32.
+EXPORT_DTYPE = torch.float16
 RECORD_FILE = "training.json"
 
 
@@ -186,6 +195,11 @@ def train_default_model(
         corpus = _require(out / "corpus", "corpus", Corpus.load)
         special = train_bpe((document.text for document in corpus.train), out / "tokenizer", recipe.vocab_size)
         finish("tokenizer", {"vocab_size": recipe.vocab_size, "special_ids": dataclasses.asdict(special)}, started)
+    if "export" in stages:
+        started = time.time()
+        log("== export")
+        export_models(out, out / "export")
+        finish("export", {"dtype": str(EXPORT_DTYPE).removeprefix("torch.")}, started)
     model_stages = [stage for stage in stages if stage in ("autoencoder", "calm", "token_baseline")]
     if not model_stages:
         return record
@@ -224,6 +238,20 @@ def train_default_model(
         )  # fmt: skip
         finish("token_baseline", metrics, started)
     return record
+
+
+def export_models(run_dir: Path, dest: Path) -> None:
+    """The trained CALM model and baseline with float16 weights: dest/calm (its autoencoder embedded as ae_model.*,
+    dest/calm/autoencoder holding the autoencoder's config only) and dest/token_baseline, each with the tokenizer."""
+    calm = _require(run_dir / "calm", "calm", calm_engine.load).to(EXPORT_DTYPE)
+    baseline = _require(run_dir / "token_baseline", "token_baseline", calm_engine.load).to(EXPORT_DTYPE)
+    shutil.rmtree(dest, ignore_errors=True)
+    save_calm(calm, dest / "calm", write_autoencoder=False)
+    (dest / "calm" / "autoencoder").mkdir()
+    calm.autoencoder.config.save(dest / "calm" / "autoencoder")
+    save_token_llama(baseline, dest / "token_baseline")
+    for name in ("calm", "token_baseline"):
+        shutil.copy(run_dir / "tokenizer" / TOKENIZER_FILE, dest / name / TOKENIZER_FILE)
 
 
 def _require(path: Path, stage: str, read):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 import calm_engine
 from calm_engine import LLM, SamplingParams
 from calm_engine.cli import main
@@ -27,6 +29,12 @@ def test_quick_recipe_trains_loads_and_generates(tmp_path, capsys):
     assert calm.tokenizer.decode(calm.tokenizer.encode("Thou art, sir.")) == "Thou art, sir."
     baseline = calm_engine.load(out / "token_baseline")
     assert isinstance(baseline, TokenLlama) and baseline.tokenizer is not None
+    # The export (the shipped form): float16 weights that load as float32, equal to the trained ones to fp16 rounding.
+    exported = calm_engine.load(out / "export" / "calm")
+    assert exported.dtype == torch.float32 and exported.tokenizer is not None
+    for name, weight in calm.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], weight, rtol=2**-10, atol=1e-7)
+    assert isinstance(calm_engine.load(out / "export" / "token_baseline"), TokenLlama)
 
     params = SamplingParams(max_tokens=12, seed=3, ignore_eos=True)
     for model in (calm, baseline):
