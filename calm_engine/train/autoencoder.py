@@ -79,6 +79,10 @@ class AutoencoderTrainConfig:
         for name in ("final_lr_fraction", "weight_decay", "kl_clamp", "kl_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_interval % self.log_interval:
+            raise ValueError(
+                f"eval_interval ({self.eval_interval}) must be a multiple of log_interval ({self.log_interval})"
+            )
         if self.eval_tokens < self.patch_size:
             raise ValueError(f"eval_tokens {self.eval_tokens} must hold at least one chunk of {self.patch_size}")
 
@@ -93,8 +97,8 @@ class AutoencoderTrainConfig:
             num_encoder_layers=self.num_encoder_layers,
             num_decoder_layers=self.num_decoder_layers,
             pad_token_id=0,
-            bos_token_id=1 if vocab_size > 1 else None,
-            eos_token_id=2 if vocab_size > 2 else None,
+            bos_token_id=1,
+            eos_token_id=2,
             ae_dropout=self.drop_token,
             kl_clamp=self.kl_clamp,
             kl_weight=self.kl_weight,
@@ -265,7 +269,8 @@ def train_autoencoder(
         generator=generator,
     )
 
-    start = last_log = time.perf_counter()
+    last_log = time.perf_counter()
+    train_seconds = 0.0  # forward, backward and update only: evaluations are not training throughput
     running = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
     for step in range(config.steps):
         for group in optimizer.param_groups:
@@ -290,17 +295,18 @@ def train_autoencoder(
                 f"kl {running['kl'] / count:.2f} lr {learning_rate(config, step):.2e} tokens/s {tokens_per_s:,.0f}"
             )
             running = dict.fromkeys(running, 0.0)
+            train_seconds += now - last_log
             last_log = now
         if done % config.eval_interval == 0 and done != config.steps:
             log(f"step {done} held-out {_format(evaluate(autoencoder, heldout, config))}")
+            last_log = time.perf_counter()
 
-    seconds = time.perf_counter() - start
     autoencoder.eval()
     metrics = {
         "steps": config.steps,
         "train_tokens": config.steps * config.batch_chunks * config.patch_size,
-        "train_seconds": round(seconds, 1),
-        "tokens_per_second": round(config.steps * config.batch_chunks * config.patch_size / seconds),
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(config.steps * config.batch_chunks * config.patch_size / train_seconds),
         "heldout_tokens": heldout.numel(),
         **evaluate(autoencoder, heldout, config),
     }

@@ -180,6 +180,7 @@ def test_learning_rate_schedule():
         ("lr", 0.0, "lr"),
         ("eval_tokens", 2, "chunk"),
         ("batch_chunks", True, "batch_chunks"),
+        ("eval_interval", 150, "multiple of log_interval"),
     ],
 )
 def test_config_validation(field, value, message):
