@@ -17,7 +17,6 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,20 +31,6 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                        const int*, const float*, const int*, const float*, float*, const int*);
 using SetThreadsLocal = int (*)(int);
-// MKL's packed GEMM (?gemm_pack_get_size, ?gemm_pack, ?gemm_compute, Fortran interface): a weight packed once is
-// not re-packed by every call, which at a few rows is a large part of the product's cost.
-using PackGetSize = size_t (*)(const char*, const int*, const int*, const int*);
-using Pack = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                      const int*, float*);
-using Compute = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const int*,
-                         const float*, const int*, const float*, float*, const int*);
-
-struct Blas {
-  Sgemm sgemm = nullptr;
-  PackGetSize pack_size = nullptr;  // the packed routines are null where the library has none
-  Pack pack = nullptr;
-  Compute compute = nullptr;
-};
 
 enum class Activation { kSilu, kGelu, kGeluTanh, kRelu };
 
@@ -71,14 +56,11 @@ inline float activate(float x, Activation a) {
   return x;
 }
 
-// A weight matrix [out, in] (row-major, as nn.Linear stores it) and an optional bias [out]. When packed, the
-// output columns [0, split) and [split, out) are packed apart: the two threads' halves.
+// A weight matrix [out, in] (row-major, as nn.Linear stores it) and an optional bias [out].
 struct Linear {
   const float* weight = nullptr;
   const float* bias = nullptr;
   int out = 0, in = 0;
-  int split = 0;
-  const float* packed[2] = {nullptr, nullptr};
 };
 
 struct Norm {
@@ -98,8 +80,6 @@ struct GemmTask {
   int rows = 0, n0 = 0, n1 = 0;
   bool accumulate = false;
   ArgmaxResult* best = nullptr;
-  const float* packed = nullptr;  // columns n0..n1 of the weight, packed
-  const std::vector<const float*>* tiles = nullptr;  // for `best`: the packed tiles of columns n0..n1, in order
 };
 
 // Per row, the largest logit seen and its first column; `logits` is the thread's tile buffer.
@@ -113,20 +93,17 @@ constexpr int kVocabTile = 512;  // logits of a tile stay in L2 (64 KB at 32 row
 
 // Logits in column tiles, each reduced to (max, first argmax) per row at once, so no more than one tile of logits
 // ever exists and the reduction is vectorised: max first, then the first column equal to it.
-void run_argmax(const Blas& blas, const GemmTask& t) {
+void run_argmax(Sgemm sgemm, const GemmTask& t) {
   const Linear& l = *t.l;
   ArgmaxResult& best = *t.best;
   best.value.assign(t.rows, -INFINITY);
   best.index.assign(t.rows, t.n0);
   best.logits.resize(static_cast<size_t>(t.rows) * kVocabTile);
   const float one = 1.0f, zero = 0.0f;
-  for (int c0 = t.n0, tile = 0; c0 < t.n1; c0 += kVocabTile, ++tile) {
+  for (int c0 = t.n0; c0 < t.n1; c0 += kVocabTile) {
     const int n = std::min(kVocabTile, t.n1 - c0);
-    if (t.tiles != nullptr)
-      blas.compute("P", "N", &n, &t.rows, &l.in, (*t.tiles)[tile], &l.in, t.in, &l.in, &zero, best.logits.data(), &n);
-    else
-      blas.sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(c0) * l.in, &l.in, t.in, &l.in,
-                 &zero, best.logits.data(), &n);
+    sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(c0) * l.in, &l.in, t.in, &l.in, &zero,
+          best.logits.data(), &n);
     for (int r = 0; r < t.rows; ++r) {
       const float* row = best.logits.data() + static_cast<size_t>(r) * n;
       float top = -INFINITY;
@@ -140,9 +117,9 @@ void run_argmax(const Blas& blas, const GemmTask& t) {
   }
 }
 
-void run_gemm(const Blas& blas, const GemmTask& t) {
+void run_gemm(Sgemm sgemm, const GemmTask& t) {
   if (t.best != nullptr) {
-    run_argmax(blas, t);
+    run_argmax(sgemm, t);
     return;
   }
   // Column-major view: out^T [n, rows] (leading dimension l.out) = weight rows n0..n1 (stored as in x n
@@ -150,11 +127,8 @@ void run_gemm(const Blas& blas, const GemmTask& t) {
   const Linear& l = *t.l;
   const int n = t.n1 - t.n0;
   const float one = 1.0f, beta = t.accumulate ? 1.0f : 0.0f;
-  if (t.packed != nullptr)
-    blas.compute("P", "N", &n, &t.rows, &l.in, t.packed, &l.in, t.in, &l.in, &beta, t.out + t.n0, &l.out);
-  else
-    blas.sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(t.n0) * l.in, &l.in, t.in, &l.in,
-               &beta, t.out + t.n0, &l.out);
+  sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(t.n0) * l.in, &l.in, t.in, &l.in, &beta,
+        t.out + t.n0, &l.out);
   if (l.bias != nullptr)
     for (int r = 0; r < t.rows; ++r)
       for (int c = t.n0; c < t.n1; ++c) t.out[static_cast<size_t>(r) * l.out + c] += l.bias[c];
@@ -167,7 +141,7 @@ void run_gemm(const Blas& blas, const GemmTask& t) {
 // waiting for a worker that is not running.
 class GemmWorker {
  public:
-  explicit GemmWorker(const Blas* blas, SetThreadsLocal set_threads) : blas_(blas), set_threads_(set_threads) {
+  explicit GemmWorker(Sgemm sgemm, SetThreadsLocal set_threads) : sgemm_(sgemm), set_threads_(set_threads) {
     thread_ = std::thread([this] { loop(); });
   }
   ~GemmWorker() {
@@ -192,10 +166,10 @@ class GemmWorker {
     task_ = theirs;
     const uint64_t ticket = ++tickets_;
     claimable_.store(ticket, std::memory_order_release);  // publishes task_
-    run_gemm(*blas_, mine);
+    run_gemm(sgemm_, mine);
     uint64_t expected = ticket;
     if (claimable_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
-      run_gemm(*blas_, task_);  // the worker never took it
+      run_gemm(sgemm_, task_);  // the worker never took it
       return;
     }
     while (done_.load(std::memory_order_acquire) != ticket) {
@@ -215,14 +189,14 @@ class GemmWorker {
         uint64_t ticket = claimable_.load(std::memory_order_acquire);
         // A claim names its ticket, so a worker that was descheduled cannot take a later task by mistake.
         if (ticket != 0 && claimable_.compare_exchange_strong(ticket, 0, std::memory_order_acq_rel)) {
-          run_gemm(*blas_, task_);
+          run_gemm(sgemm_, task_);
           done_.store(ticket, std::memory_order_release);
         }
       }
     }
   }
 
-  const Blas* blas_;
+  Sgemm sgemm_;
   SetThreadsLocal set_threads_;
   std::thread thread_;
   std::mutex mutex_;
@@ -237,15 +211,9 @@ class GemmWorker {
 class DecodeStep {
  public:
   // `arrays` keeps every buffer alive; `spec` names them (see model_runner.CpuDecodeStep for the layout).
-  // blas: addresses of sgemm_, MKL_Set_Num_Threads_Local and the three packed-GEMM routines (0 where absent).
-  // The weights are packed when all of them fit in pack_budget bytes of packed copies.
-  DecodeStep(py::dict blas, int threads, int64_t pack_budget, py::dict spec, py::list arrays)
-      : set_threads_(reinterpret_cast<SetThreadsLocal>(blas["set_threads_local"].cast<std::uintptr_t>())) {
-    blas_.sgemm = reinterpret_cast<Sgemm>(blas["sgemm"].cast<std::uintptr_t>());
-    blas_.pack_size = reinterpret_cast<PackGetSize>(blas["pack_get_size"].cast<std::uintptr_t>());
-    blas_.pack = reinterpret_cast<Pack>(blas["pack"].cast<std::uintptr_t>());
-    blas_.compute = reinterpret_cast<Compute>(blas["compute"].cast<std::uintptr_t>());
-    if (threads > 1) worker_ = std::make_unique<GemmWorker>(&blas_, set_threads_);
+  DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays)
+      : sgemm_(reinterpret_cast<Sgemm>(sgemm)), set_threads_(reinterpret_cast<SetThreadsLocal>(set_threads_local)) {
+    if (threads > 1) worker_ = std::make_unique<GemmWorker>(sgemm_, set_threads_);
     for (auto item : arrays) keep_.push_back(item.cast<FloatArray>());
     auto i = [&](const char* key) { return spec[key].cast<int>(); };
     hidden_ = i("hidden"), heads_ = i("heads"), kv_heads_ = i("kv_heads"), head_dim_ = i("head_dim");
@@ -278,12 +246,7 @@ class DecodeStep {
       ae_layers_.push_back({norm(l["norm"]), linear(l["gate_up"]), linear(l["down"])});
     }
     ae_norm_ = norm(spec["ae_norm"]), lm_head_ = linear(spec["lm_head"]);
-    const int vocab_split = worker_ && vocab_ >= 2 * kVocabTile ? (vocab_ / 2) & ~15 : vocab_;
-    vocab_half_[1] = vocab_split, vocab_half_[2] = vocab_;
-    if (blas_.pack_size && blas_.pack && blas_.compute) pack_weights(pack_budget);
   }
-
-  bool packed() const { return !packed_.empty(); }
 
   // ids [B, K], positions [B], slots [B] (int64), noise [B, noise] -> next ids [B, K]. Writes the cache.
   py::array_t<int64_t> run(py::array_t<int64_t, py::array::c_style> ids, py::array_t<int64_t, py::array::c_style> positions,
@@ -373,57 +336,6 @@ class DecodeStep {
     return n;
   }
 
-  std::vector<Linear*> linears() {
-    std::vector<Linear*> all = {&compress0_, &compress2_, &hidden_embd_, &noise_embd_, &final0_, &final2_,
-                                &latent_to_hidden_, &expand_};
-    for (auto& l : layers_) all.insert(all.end(), {&l.qkv, &l.o, &l.gate_up, &l.down});
-    for (auto& b : blocks_) all.insert(all.end(), {&b.noise_half, &b.hidden_half, &b.second, &b.third, &b.down});
-    for (auto& l : ae_layers_) all.insert(all.end(), {&l.gate_up, &l.down});
-    return all;
-  }
-
-  // Columns [n0, n1) of a weight as MKL's packed "A" operand (the product is out^T = weight @ in^T).
-  size_t packed_size(const Linear& l, int n0, int n1) const {
-    const int m = n1 - n0, n = 1;
-    return blas_.pack_size("A", &m, &n, &l.in);
-  }
-
-  const float* pack_columns(const Linear& l, int n0, int n1) {
-    const int m = n1 - n0, n = 1;
-    const float one = 1.0f;
-    const size_t bytes = (packed_size(l, n0, n1) + 63) / 64 * 64;
-    packed_.emplace_back(static_cast<float*>(std::aligned_alloc(64, bytes)), std::free);
-    if (!packed_.back()) throw std::bad_alloc();
-    blas_.pack("A", "T", &m, &n, &l.in, &one, l.weight + static_cast<size_t>(n0) * l.in, &l.in, packed_.back().get());
-    return packed_.back().get();
-  }
-
-  // The column ranges packed apart: a linear's two halves; the vocabulary's tiles within each half.
-  std::vector<std::pair<int, int>> vocab_tiles(int half) const {
-    std::vector<std::pair<int, int>> tiles;
-    for (int c0 = vocab_half_[half], end = vocab_half_[half + 1]; c0 < end; c0 += kVocabTile)
-      tiles.emplace_back(c0, std::min(c0 + kVocabTile, end));
-    return tiles;
-  }
-
-  void pack_weights(int64_t budget) {
-    for (Linear* l : linears()) l->split = worker_ && l->out >= 32 ? (l->out / 2) & ~15 : l->out;
-    size_t total = 0;
-    for (Linear* l : linears()) {
-      total += packed_size(*l, 0, l->split);
-      if (l->split < l->out) total += packed_size(*l, l->split, l->out);
-    }
-    for (int half = 0; half < 2; ++half)
-      for (auto [c0, c1] : vocab_tiles(half)) total += packed_size(lm_head_, c0, c1);
-    if (total > static_cast<size_t>(budget)) return;
-    for (Linear* l : linears()) {
-      l->packed[0] = pack_columns(*l, 0, l->split);
-      if (l->split < l->out) l->packed[1] = pack_columns(*l, l->split, l->out);
-    }
-    for (int half = 0; half < 2; ++half)
-      for (auto [c0, c1] : vocab_tiles(half)) vocab_packed_[half].push_back(pack_columns(lm_head_, c0, c1));
-  }
-
   // out [rows, l.out] = in [rows, l.in] @ weight^T + bias (+ out when accumulate), via the BLAS sgemm.
   void gemm(const Linear& l, const float* in, int rows, std::vector<float>& out, bool accumulate = false) {
     if (!accumulate) out.assign(static_cast<size_t>(rows) * l.out, 0.0f);
@@ -433,23 +345,8 @@ class DecodeStep {
   void gemm_into(const Linear& l, const float* in, int rows, float* out, bool accumulate) {
     GemmTask task{&l, in, out, rows, 0, l.out, accumulate};
     constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds the hand-over costs more than it saves
-    const bool split = worker_ && static_cast<int64_t>(rows) * l.out * l.in >= kSplitWork && l.out >= 32;
-    if (l.packed[0] != nullptr) {  // the halves as packed; both here when the product is too small to split
-      GemmTask first = task, second = task;
-      first.n1 = second.n0 = l.split;
-      first.packed = l.packed[0], second.packed = l.packed[1];
-      if (l.split == l.out) {
-        run_gemm(blas_, first);
-      } else if (split) {
-        worker_->run_pair(first, second);
-      } else {
-        run_gemm(blas_, first);
-        run_gemm(blas_, second);
-      }
-      return;
-    }
-    if (!split) {
-      run_gemm(blas_, task);
+    if (!worker_ || static_cast<int64_t>(rows) * l.out * l.in < kSplitWork || l.out < 32) {
+      run_gemm(sgemm_, task);
       return;
     }
     GemmTask other = task;
@@ -596,29 +493,24 @@ class DecodeStep {
     normed.resize(expanded.size());
     rms_norm(ae_norm_, expanded.data(), normed.data(), rows, a);
     // The two threads take the two halves of the vocabulary, each in tiles (run_argmax); the lower half wins ties.
-    GemmTask mine{&lm_head_, normed.data(), nullptr, rows, vocab_half_[0], vocab_half_[1], false, &argmax_[0]};
-    if (packed()) mine.tiles = &vocab_packed_[0];
-    if (vocab_half_[1] < vocab_) {
+    GemmTask mine{&lm_head_, normed.data(), nullptr, rows, 0, vocab_, false, &argmax_[0]};
+    if (worker_ && vocab_ >= 2 * kVocabTile) {
       GemmTask theirs = mine;
-      theirs.n0 = vocab_half_[1], theirs.n1 = vocab_half_[2];
+      mine.n1 = theirs.n0 = (vocab_ / 2) & ~15;
       theirs.best = &argmax_[1];
-      if (packed()) theirs.tiles = &vocab_packed_[1];
       worker_->run_pair(mine, theirs);
       for (int r = 0; r < rows; ++r)
         out[r] = argmax_[1].value[r] > argmax_[0].value[r] ? argmax_[1].index[r] : argmax_[0].index[r];
     } else {
-      run_gemm(blas_, mine);
+      run_gemm(sgemm_, mine);
       std::copy(argmax_[0].index.begin(), argmax_[0].index.end(), out);
     }
   }
 
-  Blas blas_;
+  Sgemm sgemm_;
   SetThreadsLocal set_threads_;
   std::unique_ptr<GemmWorker> worker_;
   ArgmaxResult argmax_[2];  // the vocabulary halves of this thread and of the worker
-  int vocab_half_[3] = {0, 0, 0};  // the halves are [vocab_half_[0], [1]) and [[1], [2]); the second may be empty
-  std::vector<const float*> vocab_packed_[2];
-  std::vector<std::unique_ptr<float, decltype(&std::free)>> packed_;
   std::vector<FloatArray> keep_;
   int hidden_, heads_, kv_heads_, head_dim_, patch_, noise_, latent_, ae_hidden_, vocab_, capacity_, slots_;
   Activation act_, ae_act_;
@@ -642,8 +534,7 @@ class DecodeStep {
 
 void register_decode_step(py::module_& m) {
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<py::dict, int, int64_t, py::dict, py::list>(), py::arg("blas"), py::arg("threads"),
-           py::arg("pack_budget"), py::arg("spec"), py::arg("arrays"))
-      .def_property_readonly("packed", &DecodeStep::packed)
+      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list>(), py::arg("sgemm"),
+           py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"))
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"));
 }

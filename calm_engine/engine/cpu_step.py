@@ -20,29 +20,17 @@ from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
 
 
 @functools.cache
-def torch_blas_addresses() -> dict[str, int] | None:
-    """Addresses of the BLAS routines inside torch's CPU library (its MKL): the Fortran-interface sgemm_, the
-    C-interface MKL_Set_Num_Threads_Local, and the packed GEMM (SGEMM_PACK_GET_SIZE, SGEMM_PACK, SGEMM_COMPUTE; 0 when
-    absent, and the step then runs on sgemm_ alone); None where the first two are missing."""
+def torch_blas_addresses() -> tuple[int, int] | None:
+    """Addresses of the Fortran-interface sgemm_ and the C-interface MKL_Set_Num_Threads_Local that torch's CPU
+    library exports (its MKL), or None where it exports no such symbols."""
     if not sys.platform.startswith("linux"):
         return None
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
         handle = ctypes.CDLL(str(library))
-    except OSError:
+        return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (handle.sgemm_, handle.MKL_Set_Num_Threads_Local))
+    except (OSError, AttributeError):
         return None
-
-    def address(name: str) -> int:
-        return ctypes.cast(getattr(handle, name), ctypes.c_void_p).value if hasattr(handle, name) else 0
-
-    addresses = {
-        "sgemm": address("sgemm_"),
-        "set_threads_local": address("MKL_Set_Num_Threads_Local"),
-        "pack_get_size": address("SGEMM_PACK_GET_SIZE"),
-        "pack": address("SGEMM_PACK"),
-        "compute": address("SGEMM_COMPUTE"),
-    }
-    return addresses if addresses["sgemm"] and addresses["set_threads_local"] else None
 
 
 def available(runner: ModelRunner) -> bool:
@@ -56,14 +44,8 @@ def available(runner: ModelRunner) -> bool:
     )
 
 
-# Packed copies of the weights (MKL's packed GEMM skips re-packing a weight in every product: 1.2-1.8x faster
-# products at 8-32 rows, benchmarks/RESULTS.md) are made when they all fit in this many bytes. MKL pads every packed
-# matrix by about 2 MB, so the small benchmark model takes ~150 MB; CALM-M (1.5 GB of weights) stays unpacked.
-PACK_BUDGET = 1 << 30
-
-
 class CpuDecodeStep:
-    def __init__(self, runner: ModelRunner, pack_budget: int = PACK_BUDGET):
+    def __init__(self, runner: ModelRunner):
         if not available(runner):
             raise RuntimeError(
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
@@ -154,9 +136,10 @@ class CpuDecodeStep:
             "ae_norm": norm(decoder.norm),
             "lm_head": packed(decoder.lm_head_weight, None),
         }
+        sgemm, set_threads_local = torch_blas_addresses()
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
-        self._step = model_runner._calm_cpu.DecodeStep(torch_blas_addresses(), threads, pack_budget, spec, arrays)
+        self._step = model_runner._calm_cpu.DecodeStep(sgemm, set_threads_local, threads, spec, arrays)
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor

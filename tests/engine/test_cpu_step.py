@@ -19,16 +19,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "sgemm"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_cpu_step_matches_the_torch_path(shape, packed):
+def test_cpu_step_matches_the_torch_path(shape):
     model = context_sensitive_model(seed=len(shape) + 1, **SHAPES[shape])
     cache = SlotKVCache(model.config, 5, 12, model.device, model.dtype)
     runner = ModelRunner(model, cache)
     for tensor in cache.keys + cache.values:
         tensor.normal_()
-    step = cpu_step.CpuDecodeStep(runner, pack_budget=cpu_step.PACK_BUDGET if packed else 0)
-    assert step._step.packed == packed
+    step = cpu_step.CpuDecodeStep(runner)
     rows = 4
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
     positions, slots = torch.tensor([3, 0, 11, 6]), torch.tensor([4, 0, 2, 5])  # slot 5: the scratch slot
@@ -72,7 +70,7 @@ def test_engine_output_is_the_same_with_and_without_the_cpu_step():
     ]
 
 
-def _step_and_reference(model: CalmModel, packed: bool, rows: int = 6):
+def _step_and_reference(model: CalmModel, rows: int = 6):
     cache = SlotKVCache(model.config, rows, 8, model.device, model.dtype)
     runner = ModelRunner(model, cache)
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
@@ -86,40 +84,23 @@ def _step_and_reference(model: CalmModel, packed: bool, rows: int = 6):
     expected, _ = runner.sample_patches(hidden, batch)
     for tensor in cache.keys + cache.values:
         tensor.zero_()
-    step = cpu_step.CpuDecodeStep(runner, pack_budget=cpu_step.PACK_BUDGET if packed else 0)
-    assert step._step.packed == packed
-    return step.run(ids, positions, slots, seeds, steps), expected
+    return cpu_step.CpuDecodeStep(runner).run(ids, positions, slots, seeds, steps), expected
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "sgemm"])
 @pytest.mark.parametrize("vocab_size", [1024, 2999])  # the vocabulary split in halves and 512-column tiles
-def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size, packed):
+def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size):
     torch.manual_seed(vocab_size)
     model = context_sensitive_model(seed=3, vocab_size=vocab_size)
-    got, expected = _step_and_reference(model, packed)
+    got, expected = _step_and_reference(model)
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "sgemm"])
 @torch.no_grad()
-def test_cpu_step_argmax_ties_go_to_the_first_id(packed):
+def test_cpu_step_argmax_ties_go_to_the_first_id():
     """Every vocabulary row equal: every logit ties, across tiles and across the two threads' halves."""
     model = context_sensitive_model(seed=4, vocab_size=2999)
     embedding = model.autoencoder.encoder.embed_tokens.weight
     embedding.copy_(embedding[:1].expand_as(embedding))
-    got, expected = _step_and_reference(model, packed)
+    got, expected = _step_and_reference(model)
     assert torch.equal(expected, torch.zeros_like(expected))
-    assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "sgemm"])
-def test_cpu_step_on_one_thread(packed):
-    """No worker thread: every product whole, the vocabulary in one range of tiles."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = context_sensitive_model(seed=5, vocab_size=1500)
-        got, expected = _step_and_reference(model, packed)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(got, expected)
