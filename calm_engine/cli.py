@@ -141,7 +141,6 @@ def _stream(llm: LLM, prompt: str, params: SamplingParams, stdout) -> None:
 def train(args: argparse.Namespace) -> None:
     from calm_engine.train.recipe import DEFAULT_RECIPE, QUICK_RECIPE, STAGES, train_default_model
 
-    torch.set_grad_enabled(True)
     recipe = QUICK_RECIPE if args.quick else DEFAULT_RECIPE
     train_default_model(args.out, recipe, python_docs_dir=args.python_docs, stages=tuple(args.stages or STAGES))
 
@@ -177,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
+    # Gradients only for training; the context restores the caller's mode (tests call main in-process).
+    with torch.set_grad_enabled(args.command == "train"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "inspect":
             print(inspect(args.path, args.dtype))

@@ -193,14 +193,19 @@ def train_default_model(
         corpus = _require(out / "corpus", "corpus", Corpus.load)
         special = train_bpe((document.text for document in corpus.train), out / "tokenizer", recipe.vocab_size)
         finish("tokenizer", {"vocab_size": recipe.vocab_size, "special_ids": dataclasses.asdict(special)}, started)
+    model_stages = [stage for stage in stages if stage in ("autoencoder", "calm", "token_baseline")]
+    if model_stages:
+        _train_models(out, recipe, stages, record, finish, log)
     if "export" in stages:
         started = time.time()
         log("== export")
         export_models(out, out / "export")
         finish("export", {"dtype": str(EXPORT_DTYPE).removeprefix("torch.")}, started)
-    model_stages = [stage for stage in stages if stage in ("autoencoder", "calm", "token_baseline")]
-    if not model_stages:
-        return record
+    return record
+
+
+def _train_models(out: Path, recipe: Recipe, stages: tuple[str, ...], record: dict, finish, log) -> None:
+    """The autoencoder, CALM and baseline stages, on the token streams of the saved corpus and tokenizer."""
 
     corpus = _require(out / "corpus", "corpus", Corpus.load)
     tokenizer_json = out / "tokenizer" / TOKENIZER_FILE
@@ -235,7 +240,6 @@ def train_default_model(
             tokenizer_json=tokenizer_json, log=log,
         )  # fmt: skip
         finish("token_baseline", metrics, started)
-    return record
 
 
 def export_models(run_dir: Path, dest: Path) -> None:
