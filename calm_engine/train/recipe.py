@@ -60,6 +60,9 @@ class Recipe:
 # The shipped model: sizes and steps chosen so that the whole recipe trains in about an hour on 2 CPU cores. CALM and
 # the token baseline see the same number of training tokens (1200 windows of 4 x 512), so their BrierLM compares
 # like for like (model card: calm_engine/default_model/MODEL_CARD.md).
+# CALM and its baseline share the backbone and the schedule: the same model size, the same training tokens.
+_BACKBONE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+_SCHEDULE = dict(window_tokens=512, batch_size=4, steps=1200, lr=1e-3, warmup_steps=100, log_interval=20, bf16=True)
 DEFAULT_RECIPE = Recipe(
     vocab_size=8192,
     autoencoder=AutoencoderTrainConfig(
@@ -73,39 +76,14 @@ DEFAULT_RECIPE = Recipe(
         eval_interval=500,
         bf16=True,
     ),
-    calm=CalmTrainConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_mlp_layers=2,
-        noise_size=64,
-        window_tokens=512,
-        batch_size=4,
-        steps=1200,
-        lr=1e-3,
-        warmup_steps=100,
-        log_interval=20,
-        eval_interval=200,
-        bf16=True,
-    ),
-    token_baseline=TokenLmTrainConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        window_tokens=512,
-        batch_size=4,
-        steps=1200,
-        lr=1e-3,
-        warmup_steps=100,
-        log_interval=20,
-        eval_interval=100,
-        bf16=True,
-    ),
+    calm=CalmTrainConfig(**_BACKBONE, **_SCHEDULE, num_mlp_layers=2, noise_size=64, eval_interval=200),
+    token_baseline=TokenLmTrainConfig(**_BACKBONE, **_SCHEDULE, eval_interval=100),
 )
 
 # A minuscule end-to-end run (under two minutes on 2 cores): the pipeline works, the text is not meant to be good.
+_QUICK_BACKBONE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+_QUICK_SCHEDULE = dict(window_tokens=64, batch_size=4, steps=60, lr=3e-3, warmup_steps=10)
+_QUICK_EVAL = dict(log_interval=20, eval_interval=60, eval_batches=2)
 QUICK_RECIPE = Recipe(
     vocab_size=384,
     autoencoder=AutoencoderTrainConfig(
@@ -120,36 +98,9 @@ QUICK_RECIPE = Recipe(
         bf16=False,
     ),
     calm=CalmTrainConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_mlp_layers=1,
-        noise_size=8,
-        target_samples=16,
-        window_tokens=64,
-        batch_size=4,
-        steps=60,
-        lr=3e-3,
-        warmup_steps=10,
-        log_interval=20,
-        eval_interval=60,
-        eval_batches=2,
+        **_QUICK_BACKBONE, **_QUICK_SCHEDULE, **_QUICK_EVAL, num_mlp_layers=1, noise_size=8, target_samples=16
     ),
-    token_baseline=TokenLmTrainConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        window_tokens=64,
-        batch_size=4,
-        steps=60,
-        lr=3e-3,
-        warmup_steps=10,
-        log_interval=20,
-        eval_interval=60,
-        eval_batches=2,
-    ),
+    token_baseline=TokenLmTrainConfig(**_QUICK_BACKBONE, **_QUICK_SCHEDULE, **_QUICK_EVAL),
     max_documents=40,
 )
 
