@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import save_autoencoder
 from calm_engine.model.config import AutoencoderConfig
+from calm_engine.train.loop import init_weights_, warmup_cosine
 from calm_engine.train.windows import random_windows
 
 TRAINING_FILE = "training.json"  # the train config and final metrics, beside the checkpoint
@@ -219,22 +219,9 @@ def _as_chunks(ids: torch.Tensor, patch_size: int) -> torch.Tensor:
 # Training
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """Normal(0, std) for linear and embedding weights, zero biases (norm weights stay 1): the official init."""
-    for child in module.modules():
-        if isinstance(child, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(child.weight, std=std)
-        if isinstance(child, nn.Linear) and child.bias is not None:
-            nn.init.zeros_(child.bias)
-
-
 def learning_rate(config: AutoencoderTrainConfig, step: int) -> float:
     """Linear warmup over warmup_steps, then cosine decay to lr * final_lr_fraction at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    fraction = config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-    return config.lr * fraction
+    return warmup_cosine(step, config.lr, config.warmup_steps, config.steps, config.final_lr_fraction)
 
 
 def train_autoencoder(
@@ -255,7 +242,7 @@ def train_autoencoder(
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     autoencoder = Autoencoder(config.model_config(vocab_size))
-    init_weights(autoencoder, config.init_std)
+    init_weights_(autoencoder, config.init_std)  # the global RNG, seeded above
     optimizer = torch.optim.AdamW(
         autoencoder.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )

@@ -104,7 +104,9 @@ def check_stream(name: str, stream: torch.Tensor, vocab_size: int, window_tokens
 
 
 @torch.no_grad()
-def init_weights_(module: nn.Module, std: float, generator: torch.Generator, pad_token_id: int | None) -> None:
+def init_weights_(
+    module: nn.Module, std: float, generator: torch.Generator | None = None, pad_token_id: int | None = None
+) -> None:
     """transformers' Llama initialisation, which the official trainers get from `post_init`: every linear and
     embedding N(0, std), biases 0, the pad embedding row 0 (the official embedding has padding_idx); norms keep
     their constructor values (ones, zero bias)."""
@@ -127,14 +129,19 @@ def make_optimizer(params: list[tuple[str, nn.Parameter]], config: LoopConfig) -
     return torch.optim.AdamW(groups, lr=config.lr, betas=ADAM_BETAS)
 
 
+def warmup_cosine(step: int, lr: float, warmup_steps: int, steps: int, floor: float = COSINE_FLOOR) -> float:
+    """Linear warmup over warmup_steps, then cosine decay down to floor * lr at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, config: LoopConfig) -> float:
     """Linear warmup over warmup_steps, then constant or cosine down to COSINE_FLOOR * lr at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
+    if config.schedule == "constant" and step >= config.warmup_steps:
         return config.lr
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(step, config.lr, config.warmup_steps, config.steps)
 
 
 def eval_windows(stream: torch.Tensor, config: LoopConfig) -> list[torch.Tensor]:

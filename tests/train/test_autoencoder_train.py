@@ -17,12 +17,12 @@ from calm_engine.train.autoencoder import (
     AutoencoderTrainConfig,
     autoencoder_loss,
     clamped_kl,
-    init_weights,
     kl_per_dimension,
     learning_rate,
     reconstruction_accuracy,
     train_autoencoder,
 )
+from calm_engine.train.loop import init_weights_
 
 TINY = AutoencoderConfig(vocab_size=50, patch_size=4, latent_size=8, hidden_size=16, intermediate_size=32)
 
@@ -30,7 +30,7 @@ TINY = AutoencoderConfig(vocab_size=50, patch_size=4, latent_size=8, hidden_size
 def tiny_autoencoder(seed: int = 0) -> Autoencoder:
     torch.manual_seed(seed)
     autoencoder = Autoencoder(TINY)
-    init_weights(autoencoder, 0.2)
+    init_weights_(autoencoder, 0.2)
     return autoencoder
 
 
