@@ -96,7 +96,6 @@ def inspect(path: Path, dtype: str) -> str:
 
 def generate(args: argparse.Namespace) -> None:
     """Continue every prompt; a single prompt streams to stdout as it is generated, several print when done."""
-    stdout = sys.stdout
     prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give prompts as arguments or one per line on stdin")
@@ -113,29 +112,29 @@ def generate(args: argparse.Namespace) -> None:
         for i in range(len(prompts))
     ]
     if len(prompts) == 1 and not args.no_stream:
-        _stream(llm, prompts[0], params[0], stdout)
+        _stream(llm, prompts[0], params[0])
         return
     for i, output in enumerate(llm.generate(prompts, params)):
         separator = "\n" if i < len(prompts) - 1 else ""
-        stdout.write(f"{prompts[i]}{output.text}\n{separator}")
+        sys.stdout.write(f"{prompts[i]}{output.text}\n{separator}")
 
 
-def _stream(llm: LLM, prompt: str, params: SamplingParams, stdout) -> None:
+def _stream(llm: LLM, prompt: str, params: SamplingParams) -> None:
     """Print the prompt, then the continuation as each step's K tokens arrive. The text is re-decoded from all ids
     so far, because a byte-level token can end inside a UTF-8 character; an incomplete character waits a step."""
     engine, tokenizer = llm.engine, llm.model.tokenizer
     engine.add_request("cli", prompt, params)
-    stdout.write(prompt)
-    stdout.flush()
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
     shown = ""
     while engine.has_unfinished_requests():
         for output in engine.step():
             text = output.text if output.finished else tokenizer.decode(output.token_ids).rstrip("\ufffd")
             if text.startswith(shown):
-                stdout.write(text[len(shown) :])
-                stdout.flush()
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
                 shown = text
-    stdout.write("\n")
+    sys.stdout.write("\n")
 
 
 def train(args: argparse.Namespace) -> None:
