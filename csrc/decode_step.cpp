@@ -271,8 +271,7 @@ class DecodeStep {
     int64_t* out = result.mutable_data();
     {
       py::gil_scoped_release release;
-      const int previous_threads = set_threads_(1);  // each thread runs its BLAS calls single-threaded
-      if (worker_) worker_->begin();
+      StepThreads threads(*this);
       const int h = hidden_;
       std::vector<float> x(batch * h), tmp, tmp2;
       // Input compression: the chunk's K embeddings side by side -> Linear, SiLU, Linear, LayerNorm.
@@ -286,16 +285,51 @@ class DecodeStep {
       layer_norm(compress_norm_, x.data(), batch, h);
       backbone(x, batch, pos, slot);
       rms_norm(final_norm_, x.data(), x.data(), batch, h);
-      std::vector<float> latent;
-      head(x, noise.data(), batch, latent);
-      decode_argmax(latent, batch, out);
-      if (worker_) worker_->end();
-      set_threads_(previous_threads);
+      sample_into(x, noise.data(), batch, out);
+    }
+    return result;
+  }
+
+  // The second half of a step alone: hidden [B, hidden] (the backbone's normed last state, as prefill returns it),
+  // noise [B, noise] -> next ids [B, K]. Samples the first chunk after a prefill.
+  py::array_t<int64_t> sample(FloatArray hidden, FloatArray noise) {
+    const int batch = static_cast<int>(hidden.shape(0));
+    if (hidden.ndim() != 2 || hidden.shape(1) != hidden_ || noise.ndim() != 2 || noise.shape(0) != batch ||
+        noise.shape(1) != noise_) {
+      throw std::invalid_argument("DecodeStep.sample: expected hidden [B, hidden] and noise [B, noise]");
+    }
+    py::array_t<int64_t> result({batch, patch_});
+    int64_t* out = result.mutable_data();
+    {
+      py::gil_scoped_release release;
+      StepThreads threads(*this);
+      std::vector<float> x(hidden.data(), hidden.data() + static_cast<size_t>(batch) * hidden_);
+      sample_into(x, noise.data(), batch, out);
     }
     return result;
   }
 
  private:
+  // For the length of a call: each thread runs its BLAS calls single-threaded, and the worker spins.
+  struct StepThreads {
+    explicit StepThreads(DecodeStep& step) : step_(step), previous_(step.set_threads_(1)) {
+      if (step_.worker_) step_.worker_->begin();
+    }
+    ~StepThreads() {
+      if (step_.worker_) step_.worker_->end();
+      step_.set_threads_(previous_);
+    }
+    DecodeStep& step_;
+    int previous_;
+  };
+
+  // Energy head with the given noise -> autoencoder decoder -> vocabulary argmax, for hidden rows x.
+  void sample_into(const std::vector<float>& x, const float* noise, int batch, int64_t* out) {
+    std::vector<float> latent;
+    head(x, noise, batch, latent);
+    decode_argmax(latent, batch, out);
+  }
+
   struct Layer {
     Norm input_norm;
     Linear qkv, o;
@@ -536,5 +570,6 @@ void register_decode_step(py::module_& m) {
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list>(), py::arg("sgemm"),
            py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"))
-      .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"));
+      .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))
+      .def("sample", &DecodeStep::sample, py::arg("hidden"), py::arg("noise"));
 }

@@ -141,7 +141,11 @@ class LLMEngine:
         results = []
         if admitted:
             hidden = self._prefill(admitted)
-            results.append(self.runner.sample_patches(hidden, self._sampling_batch(admitted), allow_sync=cpu))
+            if self._use_cpu_step(admitted):
+                seeds, steps = torch.tensor([r.seed for r in admitted]), torch.tensor([r.chunks_done for r in admitted])
+                results.append((self.cpu_step.sample(hidden, seeds, steps), torch.zeros(len(admitted), dtype=torch.bool)))
+            else:
+                results.append(self.runner.sample_patches(hidden, self._sampling_batch(admitted), allow_sync=cpu))
         if running:
             results.append(self._decode(running, cpu))
         rows = admitted + running
@@ -202,12 +206,7 @@ class LLMEngine:
         slot_list = [r.slot for r in requests]
         slots = torch.tensor(slot_list, device=device)
         self.stats["decode_rows"] += len(requests)
-        if (
-            self.cpu_step is not None
-            and self.graphs is None
-            and len(requests) <= CPU_STEP_MAX_BATCH
-            and all(r.params.samples_per_step == 1 for r in requests)
-        ):  # the C++ step needs only the noise keys, not a whole SamplingBatch
+        if self._use_cpu_step(requests):  # the C++ step needs only the noise keys, not a whole SamplingBatch
             seeds = torch.tensor([r.seed for r in requests])
             steps = torch.tensor([r.chunks_done for r in requests])
             patches = self.cpu_step.run(ids, positions, slots, seeds, steps)
@@ -219,6 +218,14 @@ class LLMEngine:
         first_slot = slot_list[0] if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))) else None
         hidden = self.runner.decode(ids, positions, slots, attend=max(positions_list) + 1, first_slot=first_slot)
         return self.runner.sample_patches(hidden, batch, allow_sync=cpu)
+
+    def _use_cpu_step(self, requests: list[Request]) -> bool:
+        return (
+            self.cpu_step is not None
+            and self.graphs is None
+            and len(requests) <= CPU_STEP_MAX_BATCH
+            and all(r.params.samples_per_step == 1 for r in requests)
+        )
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         device = self.model.device
