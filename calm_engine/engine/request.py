@@ -28,6 +28,7 @@ class Request:
     params: SamplingParams
     seed: int
     patch_size: int
+    stop_ids: frozenset[int]  # ids that end the request: the model's EOS ids (unless ignored) and params.stop_token_ids
     status: Status = Status.WAITING
     slot: int | None = None
     chunks_done: int = 0

@@ -46,7 +46,6 @@ def test_cpu_step_matches_the_torch_path(shape):
         torch.testing.assert_close(tensor, reference, rtol=1e-5, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_cpu_sample_matches_the_torch_path(shape):
     """The head + decoder half alone (the first chunk after a prefill), on hidden states of a real prefill."""
@@ -66,6 +65,7 @@ def test_cpu_sample_matches_the_torch_path(shape):
     assert torch.equal(step.sample(hidden, seeds, steps), expected)
     with pytest.raises(ValueError, match="hidden"):
         step.sample(hidden[:, :-1], seeds, steps)
+
 
 def test_cpu_step_rejects_out_of_range_inputs():
     model = context_sensitive_model(seed=1)
