@@ -251,41 +251,42 @@ class DecodeStep {
   // ids [B, K], positions [B], slots [B] (int64), noise [B, noise] -> next ids [B, K]. Writes the cache.
   py::array_t<int64_t> run(py::array_t<int64_t, py::array::c_style> ids, py::array_t<int64_t, py::array::c_style> positions,
                            py::array_t<int64_t, py::array::c_style> slots, FloatArray noise) {
-    const int batch = static_cast<int>(ids.shape(0));
-    if (ids.ndim() != 2 || ids.shape(1) != patch_ || positions.size() != batch || slots.size() != batch ||
-        noise.ndim() != 2 || noise.shape(0) != batch || noise.shape(1) != noise_) {
-      throw std::invalid_argument("DecodeStep.run: expected ids [B, K], positions [B], slots [B], noise [B, noise]");
-    }
-    const int64_t* id = ids.data();
-    const int64_t* pos = positions.data();
-    const int64_t* slot = slots.data();
-    for (int b = 0; b < batch; ++b) {
-      if (pos[b] < 0 || pos[b] >= capacity_ || slot[b] < 0 || slot[b] > slots_) {
-        throw std::invalid_argument("DecodeStep.run: position or slot out of range");
-      }
-      for (int j = 0; j < patch_; ++j) {
-        if (id[b * patch_ + j] < 0 || id[b * patch_ + j] >= vocab_) throw std::invalid_argument("DecodeStep.run: id");
-      }
-    }
+    const int batch = check_rows("run", ids, positions, slots);
+    check_noise("run", noise, batch);
     py::array_t<int64_t> result({batch, patch_});
     int64_t* out = result.mutable_data();
     {
       py::gil_scoped_release release;
       StepThreads threads(*this);
-      const int h = hidden_;
-      std::vector<float> x(batch * h), tmp, tmp2;
-      // Input compression: the chunk's K embeddings side by side -> Linear, SiLU, Linear, LayerNorm.
-      tmp.assign(batch * patch_ * h, 0.0f);
-      for (int b = 0; b < batch; ++b)
-        for (int j = 0; j < patch_; ++j)
-          std::copy_n(embed_ + id[b * patch_ + j] * h, h, tmp.data() + (b * patch_ + j) * h);
-      gemm(compress0_, tmp.data(), batch, tmp2);
-      for (float& v : tmp2) v = activate(v, Activation::kSilu);
-      gemm(compress2_, tmp2.data(), batch, x);
-      layer_norm(compress_norm_, x.data(), batch, h);
-      backbone(x, batch, pos, slot);
-      rms_norm(final_norm_, x.data(), x.data(), batch, h);
+      std::vector<float> x;
+      forward(ids.data(), positions.data(), slots.data(), batch, x);
       sample_into(x, noise.data(), batch, out);
+    }
+    return result;
+  }
+
+  // A prefill: rows [R] of chunks (ids [R, K]) at chunk positions [R] in slots [R], every prompt's chunks in order,
+  // and `last` [B] the row of each prompt's last chunk, noise [B, noise] -> the first generated chunk of each prompt
+  // [B, K]. Writes the cache at every row's position.
+  py::array_t<int64_t> prefill(py::array_t<int64_t, py::array::c_style> ids,
+                               py::array_t<int64_t, py::array::c_style> positions,
+                               py::array_t<int64_t, py::array::c_style> slots,
+                               py::array_t<int64_t, py::array::c_style> last, FloatArray noise) {
+    const int rows = check_rows("prefill", ids, positions, slots);
+    const int batch = static_cast<int>(last.size());
+    check_noise("prefill", noise, batch);
+    const int64_t* row = last.data();
+    for (int b = 0; b < batch; ++b)
+      if (row[b] < 0 || row[b] >= rows) throw std::invalid_argument("DecodeStep.prefill: last row out of range");
+    py::array_t<int64_t> result({batch, patch_});
+    int64_t* out = result.mutable_data();
+    {
+      py::gil_scoped_release release;
+      StepThreads threads(*this);
+      std::vector<float> x, picked(static_cast<size_t>(batch) * hidden_);
+      forward(ids.data(), positions.data(), slots.data(), rows, x);
+      for (int b = 0; b < batch; ++b) std::copy_n(x.data() + row[b] * hidden_, hidden_, picked.data() + b * hidden_);
+      sample_into(picked, noise.data(), batch, out);
     }
     return result;
   }
@@ -322,6 +323,47 @@ class DecodeStep {
     DecodeStep& step_;
     int previous_;
   };
+
+  // Checks ids [R, K], positions [R] and slots [R] (ids in the vocabulary, positions and slots in the cache) -> R.
+  int check_rows(const char* caller, const py::array_t<int64_t, py::array::c_style>& ids,
+                 const py::array_t<int64_t, py::array::c_style>& positions,
+                 const py::array_t<int64_t, py::array::c_style>& slots) const {
+    const std::string name = std::string("DecodeStep.") + caller;
+    const int rows = static_cast<int>(ids.shape(0));
+    if (ids.ndim() != 2 || ids.shape(1) != patch_ || positions.size() != rows || slots.size() != rows)
+      throw std::invalid_argument(name + ": expected ids [R, K], positions [R] and slots [R]");
+    const int64_t* id = ids.data();
+    const int64_t* pos = positions.data();
+    const int64_t* slot = slots.data();
+    for (int r = 0; r < rows; ++r) {
+      if (pos[r] < 0 || pos[r] >= capacity_ || slot[r] < 0 || slot[r] > slots_)
+        throw std::invalid_argument(name + ": position or slot out of range");
+      for (int j = 0; j < patch_; ++j)
+        if (id[r * patch_ + j] < 0 || id[r * patch_ + j] >= vocab_) throw std::invalid_argument(name + ": id");
+    }
+    return rows;
+  }
+
+  void check_noise(const char* caller, const FloatArray& noise, int batch) const {
+    if (noise.ndim() != 2 || noise.shape(0) != batch || noise.shape(1) != noise_)
+      throw std::invalid_argument(std::string("DecodeStep.") + caller + ": expected noise [B, noise]");
+  }
+
+  // Input compression (the chunk's K embeddings side by side -> Linear, SiLU, Linear, LayerNorm) -> the Llama
+  // layers over the cache -> the final RMSNorm: x [rows, hidden].
+  void forward(const int64_t* id, const int64_t* pos, const int64_t* slot, int rows, std::vector<float>& x) {
+    const int h = hidden_;
+    std::vector<float> embedded(static_cast<size_t>(rows) * patch_ * h), inner;
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < patch_; ++j)
+        std::copy_n(embed_ + id[r * patch_ + j] * h, h, embedded.data() + (static_cast<size_t>(r) * patch_ + j) * h);
+    gemm(compress0_, embedded.data(), rows, inner);
+    for (float& v : inner) v = activate(v, Activation::kSilu);
+    gemm(compress2_, inner.data(), rows, x);
+    layer_norm(compress_norm_, x.data(), rows, h);
+    backbone(x, rows, pos, slot);
+    rms_norm(final_norm_, x.data(), x.data(), rows, h);
+  }
 
   // Energy head with the given noise -> autoencoder decoder -> vocabulary argmax, for hidden rows x.
   void sample_into(const std::vector<float>& x, const float* noise, int batch, int64_t* out) {
@@ -453,6 +495,11 @@ class DecodeStep {
           std::copy_n(row + (heads_ + kvh) * d, d, layer.keys + at);
           std::copy_n(row + (heads_ + kv_heads_ + kvh) * d, d, layer.values + at);
         }
+      }
+      // Every row's keys and values are in the cache before any row attends: in a prefill, a prompt's rows read
+      // the positions of the same prompt written just above (causal attention, up to the row's own position).
+      for (int b = 0; b < batch; ++b) {
+        const float* row = qkv.data() + static_cast<size_t>(b) * width;
         const int length = static_cast<int>(pos[b]) + 1;
         for (int head = 0; head < heads_; ++head) {
           const float* q = row + head * d;
@@ -571,5 +618,7 @@ void register_decode_step(py::module_& m) {
       .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list>(), py::arg("sgemm"),
            py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"))
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))
+      .def("prefill", &DecodeStep::prefill, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("last"),
+           py::arg("noise"))
       .def("sample", &DecodeStep::sample, py::arg("hidden"), py::arg("noise"));
 }

@@ -1,4 +1,5 @@
-"""CpuDecodeStep: a whole T = 1 decode step of a float32 CALM model in one C++ call (csrc/decode_step.cpp).
+"""CpuDecodeStep: a whole T = 1 decode step (or prefill) of a float32 CALM model in one C++ call
+(csrc/decode_step.cpp).
 
 For small batches on a CPU the eager step is ~120 PyTorch operations whose dispatch costs about as much as the
 matrix products (benchmarks/RESULTS.md). The C++ step reads the ModelRunner's weights and KV cache in place (numpy
@@ -147,6 +148,22 @@ class CpuDecodeStep:
         """ids [B, K] at chunk positions [B] in slots [B] -> the next chunk [B, K], sampled at T = 1 with the
         noise of (seed, step) exactly as ModelRunner.sample_patches draws it."""
         out = self._step.run(ids.numpy(), positions.numpy(), slots.numpy(), self._noise(seeds, steps))
+        return torch.from_numpy(out)
+
+    def prefill(
+        self, prompts: list[list[int]], slots: list[int], seeds: torch.Tensor, steps: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts of whole chunks (token ids, K per chunk) into cache slots, every chunk at its position -> the
+        first generated chunk of each [B, K] at T = 1: ModelRunner.prefill followed by sample_patches."""
+        k = self.runner.config.patch_size
+        chunks = [len(prompt) // k for prompt in prompts]
+        ids = torch.tensor([token for prompt in prompts for token in prompt]).view(-1, k)
+        positions = torch.cat([torch.arange(n) for n in chunks])
+        rows_slot = torch.repeat_interleave(torch.tensor(slots), torch.tensor(chunks))
+        last = torch.tensor(chunks).cumsum(0) - 1
+        out = self._step.prefill(
+            ids.numpy(), positions.numpy(), rows_slot.numpy(), last.numpy(), self._noise(seeds, steps)
+        )
         return torch.from_numpy(out)
 
     def sample(self, hidden: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:

@@ -140,14 +140,15 @@ class LLMEngine:
             return []
         cpu = self.model.device.type == "cpu"  # host syncs cost nothing there: the exact sampler may stop early
         results = []
-        if admitted:
+        if admitted and self._use_cpu_step(admitted):
+            self.stats["prefill_rows"] += len(admitted)
+            keys = torch.tensor([[r.seed, r.chunks_done] for r in admitted])  # the noise's (seed, step)
+            prompts, slots = [r.fed_prompt for r in admitted], [r.slot for r in admitted]
+            patches = self.cpu_step.prefill(prompts, slots, keys[:, 0], keys[:, 1])
+            results.append((patches, torch.zeros(len(admitted), dtype=torch.bool)))
+        elif admitted:
             hidden = self._prefill(admitted)
-            if self._use_cpu_step(admitted):
-                keys = torch.tensor([[r.seed, r.chunks_done] for r in admitted])  # the noise's (seed, step)
-                patches = self.cpu_step.sample(hidden, keys[:, 0], keys[:, 1])
-                results.append((patches, torch.zeros(len(admitted), dtype=torch.bool)))
-            else:
-                results.append(self.runner.sample_patches(hidden, self._sampling_batch(admitted), allow_sync=cpu))
+            results.append(self.runner.sample_patches(hidden, self._sampling_batch(admitted), allow_sync=cpu))
         if running:
             results.append(self._decode(running, cpu))
         rows = admitted + running

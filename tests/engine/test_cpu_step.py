@@ -67,6 +67,34 @@ def test_cpu_sample_matches_the_torch_path(shape):
         step.sample(hidden[:, :-1], seeds, steps)
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cpu_prefill_matches_the_torch_path(shape):
+    """Prompts of different lengths prefilled as one C++ call: the same first chunks as ModelRunner.prefill followed
+    by sample_patches, and the same keys and values at every prompt position."""
+    model = context_sensitive_model(seed=len(shape) + 21, **SHAPES[shape])
+    cache = SlotKVCache(model.config, 4, 9, model.device, model.dtype)
+    runner = ModelRunner(model, cache)
+    step = cpu_step.CpuDecodeStep(runner)
+    k, chunks, slots = model.config.patch_size, [5, 1, 9], [2, 0, 3]
+    ids = torch.randint(0, model.config.vocab_size, (len(chunks), max(chunks) * k))
+    seeds, steps = torch.tensor([11, 2**35, 4]), torch.tensor([0, 0, 2])
+    rows = len(chunks)
+    hidden = runner.prefill(ids, torch.tensor(chunks), torch.tensor(slots))
+    batch = SamplingBatch(
+        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
+    )  # fmt: skip
+    expected, _ = runner.sample_patches(hidden, batch)
+    reference = [t.clone() for t in cache.keys + cache.values]
+    for tensor in cache.keys + cache.values:
+        tensor.fill_(float("nan"))  # poisoned: every position a prompt reads must be written by the C++ prefill
+    prompts = [row[: n * k].tolist() for row, n in zip(ids, chunks, strict=True)]
+    assert torch.equal(step.prefill(prompts, slots, seeds, steps), expected)
+    for tensor, ref in zip(cache.keys + cache.values, reference, strict=True):
+        for slot, n in zip(slots, chunks, strict=True):
+            torch.testing.assert_close(tensor[slot, :, :n], ref[slot, :, :n], rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_step_rejects_out_of_range_inputs():
     model = context_sensitive_model(seed=1)
     runner = ModelRunner(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
