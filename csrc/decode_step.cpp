@@ -291,25 +291,6 @@ class DecodeStep {
     return result;
   }
 
-  // The second half of a step alone: hidden [B, hidden] (the backbone's normed last state, as prefill returns it),
-  // noise [B, noise] -> next ids [B, K]. Samples the first chunk after a prefill.
-  py::array_t<int64_t> sample(FloatArray hidden, FloatArray noise) {
-    const int batch = static_cast<int>(hidden.shape(0));
-    if (hidden.ndim() != 2 || hidden.shape(1) != hidden_ || noise.ndim() != 2 || noise.shape(0) != batch ||
-        noise.shape(1) != noise_) {
-      throw std::invalid_argument("DecodeStep.sample: expected hidden [B, hidden] and noise [B, noise]");
-    }
-    py::array_t<int64_t> result({batch, patch_});
-    int64_t* out = result.mutable_data();
-    {
-      py::gil_scoped_release release;
-      StepThreads threads(*this);
-      std::vector<float> x(hidden.data(), hidden.data() + static_cast<size_t>(batch) * hidden_);
-      sample_into(x, noise.data(), batch, out);
-    }
-    return result;
-  }
-
  private:
   // For the length of a call: each thread runs its BLAS calls single-threaded, and the worker spins.
   struct StepThreads {
@@ -619,6 +600,5 @@ void register_decode_step(py::module_& m) {
            py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"))
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))
       .def("prefill", &DecodeStep::prefill, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("last"),
-           py::arg("noise"))
-      .def("sample", &DecodeStep::sample, py::arg("hidden"), py::arg("noise"));
+           py::arg("noise"));
 }

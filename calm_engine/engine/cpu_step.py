@@ -166,11 +166,6 @@ class CpuDecodeStep:
         )
         return torch.from_numpy(out)
 
-    def sample(self, hidden: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """The head and decoder half of a step: hidden [B, hidden] (as ModelRunner.prefill returns it) -> the next
-        chunk [B, K] at T = 1, what ModelRunner.sample_patches gives for one sample per row."""
-        return torch.from_numpy(self._step.sample(hidden.contiguous().numpy(), self._noise(seeds, steps)))
-
     def _noise(self, seeds: torch.Tensor, steps: torch.Tensor):
         noise = self.runner.noise(seeds, steps * COUNTERS_PER_STEP, 1, self.runner.config.noise_size)[:, 0]
         return noise.contiguous().numpy()

@@ -47,27 +47,6 @@ def test_cpu_step_matches_the_torch_path(shape):
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_cpu_sample_matches_the_torch_path(shape):
-    """The head + decoder half alone (the first chunk after a prefill), on hidden states of a real prefill."""
-    model = context_sensitive_model(seed=len(shape) + 11, **SHAPES[shape])
-    cache = SlotKVCache(model.config, 3, 8, model.device, model.dtype)
-    runner = ModelRunner(model, cache)
-    step = cpu_step.CpuDecodeStep(runner)
-    rows, k = 3, model.config.patch_size
-    ids = torch.randint(0, model.config.vocab_size, (rows, 3 * k))
-    hidden = runner.prefill(ids, torch.tensor([3, 1, 2]), torch.tensor([0, 2, 1]))
-    seeds, steps = torch.tensor([3, 2**33, 17]), torch.tensor([0, 5, 1])
-    batch = SamplingBatch(
-        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
-        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
-    )  # fmt: skip
-    expected, _ = runner.sample_patches(hidden, batch)
-    assert torch.equal(step.sample(hidden, seeds, steps), expected)
-    with pytest.raises(ValueError, match="hidden"):
-        step.sample(hidden[:, :-1], seeds, steps)
-
-
-@pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_cpu_prefill_matches_the_torch_path(shape):
     """Prompts of different lengths prefilled as one C++ call: the same first chunks as ModelRunner.prefill followed
     by sample_patches, and the same keys and values at every prompt position."""
