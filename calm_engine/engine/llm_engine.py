@@ -41,6 +41,10 @@ PROMPT_PADDING = ("right", "left")
 # Above this many rows the PyTorch path's threaded products beat the C++ step (small shape, 2 threads: 12.0 vs
 # 11.9 ms per step at 32 rows, 21.0 vs 17.6 at 64; 6.7 vs 7.6 at 16).
 CPU_STEP_MAX_BATCH = 16
+# Prefills of at most this many chunks in all run as the C++ step too. Its attention is one thread's loop, so longer
+# ones lose to the PyTorch path (first step, small shape, 2 threads: batch 1 x 8 chunks 1.75 vs 3.52 ms; 8 x 8
+# chunks 9.60 vs 9.70; 1 x 128 chunks 17.2 vs 12.5; 8 x 128 chunks 136 vs 72; benchmarks/RESULTS.md).
+CPU_PREFILL_MAX_CHUNKS = 32
 
 
 class LLMEngine:
@@ -140,7 +144,8 @@ class LLMEngine:
             return []
         cpu = self.model.device.type == "cpu"  # host syncs cost nothing there: the exact sampler may stop early
         results = []
-        if admitted and self._use_cpu_step(admitted):
+        prefill_chunks = sum(r.prompt_chunks for r in admitted)
+        if admitted and self._use_cpu_step(admitted) and prefill_chunks <= CPU_PREFILL_MAX_CHUNKS:
             self.stats["prefill_rows"] += len(admitted)
             keys = torch.tensor([[r.seed, r.chunks_done] for r in admitted])  # the noise's (seed, step)
             prompts, slots = [r.fed_prompt for r in admitted], [r.slot for r in admitted]
