@@ -61,7 +61,7 @@ def brierlm_rows(models: dict, sets: dict[str, list[str]], block_size: int) -> l
     for data, texts in sets.items():
         for name, model in models.items():
             result = evaluate_brierlm(model, texts, BrierLMConfig(block_size=block_size, seed=0))
-            rows.append({"model": name, "data": data, **{k: v for k, v in vars(result).items()}})
+            rows.append({"model": name, "data": data, **vars(result)})
             print(f"  brierlm {name} on {data}: {result.brierlm:.2f} ({result.seconds:.0f} s)", file=sys.stderr)
     return rows
 

@@ -144,8 +144,7 @@ class LLMEngine:
             return []
         cpu = self.model.device.type == "cpu"  # host syncs cost nothing there: the exact sampler may stop early
         results = []
-        prefill_chunks = sum(r.prompt_chunks for r in admitted)
-        if admitted and self._use_cpu_step(admitted) and prefill_chunks <= CPU_PREFILL_MAX_CHUNKS:
+        if admitted and self._use_cpu_prefill(admitted):
             self.stats["prefill_rows"] += len(admitted)
             keys = torch.tensor([[r.seed, r.chunks_done] for r in admitted])  # the noise's (seed, step)
             prompts, slots = [r.fed_prompt for r in admitted], [r.slot for r in admitted]
@@ -235,6 +234,9 @@ class LLMEngine:
             and len(requests) <= CPU_STEP_MAX_BATCH
             and all(r.params.samples_per_step == 1 for r in requests)
         )
+
+    def _use_cpu_prefill(self, requests: list[Request]) -> bool:
+        return self._use_cpu_step(requests) and sum(r.prompt_chunks for r in requests) <= CPU_PREFILL_MAX_CHUNKS
 
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         device = self.model.device

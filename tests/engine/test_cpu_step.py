@@ -19,6 +19,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def t1_batch(seeds: torch.Tensor, steps: torch.Tensor) -> SamplingBatch:
+    """The SamplingBatch of rows at T = 1 (one head sample each), the only case the C++ step runs."""
+    rows = len(seeds)
+    return SamplingBatch(
+        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_cpu_step_matches_the_torch_path(shape):
     model = context_sensitive_model(seed=len(shape) + 1, **SHAPES[shape])
@@ -33,11 +42,7 @@ def test_cpu_step_matches_the_torch_path(shape):
     seeds, steps = torch.tensor([5, 2**40, 7, 9]), torch.tensor([0, 3, 8, 1])
     before = [t.clone() for t in cache.keys + cache.values]
     hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
-    batch = SamplingBatch(
-        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
-        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
-    )  # fmt: skip
-    expected, _ = runner.sample_patches(hidden, batch)
+    expected, _ = runner.sample_patches(hidden, t1_batch(seeds, steps))
     torch_cache = [t.clone() for t in cache.keys + cache.values]
     for tensor, old in zip(cache.keys + cache.values, before, strict=True):
         tensor.copy_(old)
@@ -57,13 +62,8 @@ def test_cpu_prefill_matches_the_torch_path(shape):
     k, chunks, slots = model.config.patch_size, [5, 1, 9], [2, 0, 3]
     ids = torch.randint(0, model.config.vocab_size, (len(chunks), max(chunks) * k))
     seeds, steps = torch.tensor([11, 2**35, 4]), torch.tensor([0, 0, 2])
-    rows = len(chunks)
     hidden = runner.prefill(ids, torch.tensor(chunks), torch.tensor(slots))
-    batch = SamplingBatch(
-        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
-        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
-    )  # fmt: skip
-    expected, _ = runner.sample_patches(hidden, batch)
+    expected, _ = runner.sample_patches(hidden, t1_batch(seeds, steps))
     reference = [t.clone() for t in cache.keys + cache.values]
     for tensor in cache.keys + cache.values:
         tensor.fill_(float("nan"))  # poisoned: every position a prompt reads must be written by the C++ prefill
@@ -105,11 +105,7 @@ def _step_and_reference(model: CalmModel, rows: int = 6):
     positions, slots = torch.zeros(rows, dtype=torch.long), torch.arange(rows)
     seeds, steps = torch.arange(rows) + 11, torch.zeros(rows, dtype=torch.long)
     hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
-    batch = SamplingBatch(
-        seeds, steps, torch.ones(rows, 1, dtype=torch.bool), torch.ones(rows, dtype=torch.long),
-        torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long), 0,
-    )  # fmt: skip
-    expected, _ = runner.sample_patches(hidden, batch)
+    expected, _ = runner.sample_patches(hidden, t1_batch(seeds, steps))
     for tensor in cache.keys + cache.values:
         tensor.zero_()
     return cpu_step.CpuDecodeStep(runner).run(ids, positions, slots, seeds, steps), expected
@@ -131,4 +127,16 @@ def test_cpu_step_argmax_ties_go_to_the_first_id():
     embedding.copy_(embedding[:1].expand_as(embedding))
     got, expected = _step_and_reference(model)
     assert torch.equal(expected, torch.zeros_like(expected))
+    assert torch.equal(got, expected)
+
+
+def test_cpu_step_on_one_thread():
+    """No worker thread: every product whole, the vocabulary in one range of tiles."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = context_sensitive_model(seed=5, vocab_size=1500)
+        got, expected = _step_and_reference(model)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(got, expected)
