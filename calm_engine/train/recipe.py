@@ -57,7 +57,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# The shipped model: the autoencoder and CALM train in about 80 minutes on 2 CPU cores, the baseline in 26 more.
+# The shipped model: the autoencoder and CALM train in about 63 minutes on 2 CPU cores, the baseline in 26 more.
 # CALM and the token baseline share the backbone and the schedule (3000 windows of 4 x 512 tokens): the same model
 # size and training tokens, so their BrierLM compares like for like (calm_engine/default_model/MODEL_CARD.md).
 _BACKBONE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
@@ -77,8 +77,15 @@ DEFAULT_RECIPE = Recipe(
         warmup_steps=100,
         eval_interval=2000,
         bf16=True,
+        # Without it every token seen under 10 times in training failed on WikiText (0.4% of its tokens), capping
+        # clean accuracy at 99.6%; in a 1000-step probe it also lifted held-out accuracy from 95.9% to 97.2%.
+        random_token=0.1,
     ),
-    calm=CalmTrainConfig(**_BACKBONE, **_SCHEDULE, num_mlp_layers=2, noise_size=64, eval_interval=500),
+    # The next-chunk probe: in a 400-step probe it brought the held-out energy loss to 13.91 (14.16 without), where
+    # the plain recipe only arrived after about 1500 steps; a step costs about 1.5x as long.
+    calm=CalmTrainConfig(
+        **_BACKBONE, **_SCHEDULE, num_mlp_layers=2, noise_size=64, eval_interval=500, probe_weight=1.0
+    ),
     token_baseline=TokenLmTrainConfig(**_BACKBONE, **_SCHEDULE, eval_interval=500),
 )
 

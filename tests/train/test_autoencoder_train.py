@@ -3,6 +3,7 @@ plain loop, a tiny model that learns, and a saved checkpoint that load_autoencod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -20,6 +21,7 @@ from calm_engine.train.autoencoder import (
     kl_per_dimension,
     learning_rate,
     reconstruction_accuracy,
+    substitute_random_tokens,
     train_autoencoder,
 )
 from calm_engine.train.loop import init_weights_
@@ -163,6 +165,44 @@ def test_tiny_autoencoder_learns_and_saves(tmp_path):
     assert json.loads((tmp_path / TRAINING_FILE).read_text())["metrics"]["steps"] == 80
 
 
+def test_substitute_random_tokens_statistics():
+    chunks = torch.randint(1, 4, (20000, 4), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(substitute_random_tokens(chunks, 0.0, 50), chunks)
+    out = substitute_random_tokens(chunks, 0.3, 50, torch.Generator().manual_seed(6))
+    assert out.shape == chunks.shape and out.dtype == chunks.dtype
+    assert int(out.min()) >= 1 and int(out.max()) <= 49  # never the pad id 0, always in the vocabulary
+    # Ids 4..49 only come from substitution: 0.3 * 46/49 of the tokens, each id about equally often.
+    new = out[out >= 4]
+    assert abs(new.numel() / out.numel() - 0.3 * 46 / 49) < 0.01
+    counts = torch.bincount(new, minlength=50)[4:].double()
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    with pytest.raises(ValueError, match="at least 2"):
+        substitute_random_tokens(chunks, 0.1, 1)
+
+
+def test_random_token_teaches_ids_the_stream_never_shows(tmp_path):
+    # The stream uses ids 1..24 only. Held-out chunks are stream chunks with one id replaced by one of 25..48, which
+    # only substitution shows the autoencoder.
+    train = torch.arange(1, 25).repeat(80)
+    chunks = torch.arange(1, 25).repeat(4)[:96].reshape(-1, 4).clone()
+    unseen = (torch.arange(24), torch.arange(24) % 4)
+    chunks[unseen] = torch.arange(25, 49)
+    config = AutoencoderTrainConfig(
+        hidden_size=32, intermediate_size=64, latent_size=16, steps=300, batch_chunks=64, lr=3e-2, warmup_steps=5,
+        init_std=0.1, bf16=False, threads=1, log_interval=50, eval_interval=300, eval_tokens=96, drop_token=0.0,
+    )  # fmt: skip
+    unseen_accuracy = {}
+    for rate in (0.0, 0.3):
+        out = tmp_path / str(rate)
+        config_at_rate = dataclasses.replace(config, random_token=rate)
+        train_autoencoder(config_at_rate, train, chunks.reshape(-1), 50, out, log=lambda _: None)
+        with torch.no_grad():
+            loaded = calm_engine.load_autoencoder(out)
+            decoded = loaded.decode_ids(loaded.encode(chunks)[0])
+        unseen_accuracy[rate] = (decoded[unseen] == chunks[unseen]).float().mean().item()
+    assert unseen_accuracy[0.0] == 0.0 and unseen_accuracy[0.3] > 0.25, unseen_accuracy
+
+
 def test_learning_rate_schedule():
     config = AutoencoderTrainConfig(steps=110, warmup_steps=10, lr=1.0, final_lr_fraction=0.1)
     assert learning_rate(config, 0) == pytest.approx(0.1)
@@ -177,6 +217,7 @@ def test_learning_rate_schedule():
         ("steps", 0, "steps"),
         ("num_encoder_layers", 3, "even"),
         ("drop_token", 1.0, "probability"),
+        ("random_token", -0.1, "probability"),
         ("lr", 0.0, "lr"),
         ("eval_tokens", 2, "chunk"),
         ("batch_chunks", True, "batch_chunks"),

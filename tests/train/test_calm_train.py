@@ -14,9 +14,9 @@ from calm_engine import SamplingParams
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import save_autoencoder
 from calm_engine.model.config import AutoencoderConfig
-from calm_engine.train.calm import CalmTrainConfig, energy_loss, train_calm
+from calm_engine.train.calm import CalmTrainConfig, NextChunkProbe, calm_loss, energy_loss, train_calm
 from calm_engine.train.loop import SpecialIds
-from tests.model_factory import TINY_AE, randomize_
+from tests.model_factory import TINY_AE, random_calm_model, randomize_
 
 TINY_TRAIN = dict(
     hidden_size=32,
@@ -91,6 +91,26 @@ def test_config_validation_names_the_problem():
         CalmTrainConfig(schedule="linear")
     with pytest.raises(ValueError, match="multiple of the autoencoder's K=4"):
         CalmTrainConfig(window_tokens=30).model_config(4, 8, 97, SpecialIds())
+    with pytest.raises(ValueError, match="probe_weight"):
+        CalmTrainConfig(probe_weight=-1.0)
+
+
+def test_probe_adds_its_weighted_cross_entropy_by_hand():
+    model = random_calm_model(seed=4)
+    k, vocab = model.config.patch_size, model.config.vocab_size
+    windows = torch.randint(3, vocab, (2, 5 * k), generator=torch.Generator().manual_seed(5))
+    probe = randomize_(NextChunkProbe(model.config.hidden_size, model.config.latent_size), seed=6)
+    energy = calm_loss(model, windows, 4, 10, torch.Generator().manual_seed(7))
+    total = calm_loss(model, windows, 4, 10, torch.Generator().manual_seed(7), probe, 0.5)
+    # By hand: chunk i's hidden state, projected and decoded, scored against each token of chunk i+1.
+    hidden = model.backbone(model.compress(windows[:, :-k]))
+    nll = []
+    for b, i in itertools.product(range(2), range(4)):
+        logits = model.autoencoder.decode(probe.proj(hidden[b, i])[None, None])[0]  # [K, vocab]
+        log_probs = torch.log_softmax(logits.double(), -1)
+        nll += [-log_probs[j, windows[b, (i + 1) * k + j]].item() for j in range(k)]
+    assert total.item() == pytest.approx(energy.item() + 0.5 * sum(nll) / len(nll), rel=1e-5)
+    assert calm_loss(model, windows, 4, 10, torch.Generator().manual_seed(7), probe, 0.0).item() == energy.item()
 
 
 @pytest.fixture
@@ -126,6 +146,22 @@ def test_tiny_calm_learns_and_generates(autoencoder_dir, tmp_path, bf16):
     llm = calm_engine.LLM(tmp_path / "calm")
     outputs = llm.generate([[3, 4, 5, 6]], SamplingParams(max_tokens=8, seed=0))
     assert 0 < len(outputs[0].token_ids) <= 8
+
+
+def test_probe_trains_but_is_not_saved(autoencoder_dir, tmp_path):
+    stream = torch.arange(3, 15).repeat(60)
+    logs = []
+    plain = train_calm(CalmTrainConfig(**TINY_TRAIN), autoencoder_dir, stream, stream[:200], 97, SpecialIds(),
+                       tmp_path / "plain", log=lambda _: None)  # fmt: skip
+    probed = train_calm(CalmTrainConfig(**TINY_TRAIN, probe_weight=1.0), autoencoder_dir, stream, stream[:200], 97,
+                        SpecialIds(), tmp_path / "probed", log=logs.append)  # fmt: skip
+    history = probed["history"]
+    assert history[-1]["heldout_probe_ce"] < history[0]["heldout_probe_ce"], logs
+    assert "heldout_probe_ce" not in plain and probed["parameters"] == plain["parameters"]
+    files = {path.name: path.stat().st_size for path in (tmp_path / "probed").iterdir() if path.is_file()}
+    assert files == {path.name: path.stat().st_size for path in (tmp_path / "plain").iterdir() if path.is_file()}
+    model = calm_engine.load(tmp_path / "probed")  # the official layout, no probe weights in it
+    assert not any("probe" in name for name in model.state_dict())
 
 
 def test_train_calm_rejects_a_mismatched_vocabulary(autoencoder_dir, tmp_path):
