@@ -127,8 +127,9 @@ class CalmTrainConfig(LoopConfig):
 class NextChunkProbe(nn.Module):
     """A training-only linear map from the backbone's hidden state to a latent, which the frozen autoencoder decodes
     into logits for the next chunk's K tokens; its cross-entropy is a direct signal that the hidden state must carry
-    the next chunk. With the energy loss alone, our small model learned to ignore its context: head samples for
-    different contexts lay 3.5 apart against 12.3 for different noise (MODEL_CARD.md). Not saved with the model."""
+    the next chunk. Added because, with the energy loss alone, our small model barely used its context (head samples
+    for different contexts 3.5 apart against 12.3 for different noise); it sped up the energy loss's early descent
+    but did not change that (benchmarks/RESULTS.md). Not saved with the model."""
 
     def __init__(self, hidden_size: int, latent_size: int):
         super().__init__()
@@ -149,9 +150,22 @@ def calm_loss(
     probe: NextChunkProbe | None = None,
     probe_weight: float = 0.0,
 ) -> torch.Tensor:
+    """The training loss: calm_loss_terms' energy loss, plus probe_weight times the probe's cross-entropy."""
+    energy, probe_ce = calm_loss_terms(model, windows, num_samples, target_samples, generator, probe)
+    return energy if probe_ce is None or probe_weight == 0 else energy + probe_weight * probe_ce
+
+
+def calm_loss_terms(
+    model: CalmModel,
+    windows: torch.Tensor,
+    num_samples: int,
+    target_samples: int,
+    generator: torch.Generator,
+    probe: NextChunkProbe | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean energy loss over every predicted chunk of windows [B, n*K]: the backbone reads chunks 0..n-2 and the
-    head's N samples at chunk i are scored against M posterior samples of chunk i+1; plus probe_weight times the
-    probe's cross-entropy when a probe is given."""
+    head's N samples at chunk i are scored against M posterior samples of chunk i+1. With a probe, also its
+    cross-entropy on the same hidden states (else None)."""
     k = model.config.patch_size
     hidden = model.backbone(model.compress(windows[:, :-k]))  # [B, n-1, hidden], causal over chunks
     with torch.no_grad():
@@ -160,10 +174,8 @@ def calm_loss(
         targets = (mean + eps * log_std.exp()).movedim(0, -2)  # [B, n-1, M, latent]
     noise = torch.rand((num_samples, *hidden.shape[:-1], model.config.noise_size), generator=generator) - 0.5
     samples = model.generative_head(hidden.expand(num_samples, *hidden.shape), noise).movedim(0, -2)
-    loss = energy_loss(samples.float(), targets.float()).mean()  # distances in float32 even under bf16 autocast
-    if probe is not None and probe_weight > 0:
-        loss = loss + probe_weight * probe.cross_entropy(model, hidden, windows[:, k:])
-    return loss
+    energy = energy_loss(samples.float(), targets.float()).mean()  # distances in float32 even under bf16 autocast
+    return energy, None if probe is None else probe.cross_entropy(model, hidden, windows[:, k:])
 
 
 @torch.no_grad()
@@ -235,16 +247,15 @@ def train_calm(
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
         fixed = torch.Generator().manual_seed(config.seed + 3)  # the same noise every evaluation
-        losses = [calm_loss(model, w, config.num_samples, config.target_samples, fixed) for w in heldout]
+        terms = [calm_loss_terms(model, w, config.num_samples, config.target_samples, fixed, probe) for w in heldout]
         accuracies = [chunk_accuracy(model, w, fixed) for w in heldout]
         metrics = {
-            "heldout_loss": torch.stack(losses).mean().item(),  # the energy loss alone, comparable across recipes
+            # the energy loss alone, comparable across recipes
+            "heldout_loss": torch.stack([energy for energy, _ in terms]).mean().item(),
             "heldout_chunk_accuracy": torch.stack(accuracies).mean().item(),
         }
         if probe is not None:
-            k = model_config.patch_size
-            ce = [probe.cross_entropy(model, model.backbone(model.compress(w[:, :-k])), w[:, k:]) for w in heldout]
-            metrics["heldout_probe_ce"] = torch.stack(ce).mean().item()
+            metrics["heldout_probe_ce"] = torch.stack([probe_ce for _, probe_ce in terms]).mean().item()
         return metrics
 
     metrics = train_loop(model, params, config, train_stream, loss_fn, evaluate, log)
