@@ -58,8 +58,9 @@ class Recipe:
 
 
 # The shipped model: the autoencoder and CALM train in about 46 minutes on 2 CPU cores, the baseline in 26 more.
-# CALM and the token baseline share the backbone and the schedule (3000 windows of 4 x 512 tokens): the same model
-# size and training tokens, so their BrierLM compares like for like (calm_engine/default_model/MODEL_CARD.md).
+# CALM and the token baseline share the backbone and the schedule (3000 windows of 4 x 512 tokens; CALM at twice the
+# learning rate): the same model size and training tokens, so their BrierLM compares like for like
+# (calm_engine/default_model/MODEL_CARD.md).
 _BACKBONE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
 _SCHEDULE = dict(window_tokens=512, batch_size=4, steps=3000, lr=1e-3, warmup_steps=100, log_interval=20, bf16=True)
 DEFAULT_RECIPE = Recipe(
