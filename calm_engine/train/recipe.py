@@ -91,7 +91,7 @@ DEFAULT_RECIPE = Recipe(
     # lr 2e-3 (the baseline keeps 1e-3): held-out energy after 600-step probes 14.89 at 1e-3, 14.85 at 2e-3, 14.82
     # at 4e-3.
     calm=CalmTrainConfig(
-        **{**_BACKBONE, **_SCHEDULE, "lr": 2e-3}, num_mlp_layers=2, noise_size=64, eval_interval=500, probe_weight=1.0
+        **_BACKBONE, **dict(_SCHEDULE, lr=2e-3), num_mlp_layers=2, noise_size=64, eval_interval=500, probe_weight=1.0
     ),
     token_baseline=TokenLmTrainConfig(**_BACKBONE, **_SCHEDULE, eval_interval=500),
 )
