@@ -10,6 +10,8 @@ ratios from one run are meaningful on CPU.
 
 The floor (--floor) is the same matrix products as one decode step of the engine (backbone, compression, head, the
 autoencoder decoder and its vocabulary projection, at the step's row counts), timed alone with the model's weights.
+Where the step screens the vocabulary in bfloat16 (csrc/vocab_screen.h), the floor's projection is the bfloat16
+product too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from benchmarks.official import official_unavailable_reason, run_official  # noq
 from benchmarks.shapes import cached_checkpoint  # noqa: E402
 from calm_engine import LLM, SamplingParams  # noqa: E402
 from calm_engine.engine import model_runner  # noqa: E402
+from calm_engine.engine.llm_engine import CPU_STEP_MAX_BATCH  # noqa: E402
 from calm_engine.engine.model_runner import ModelRunner  # noqa: E402
 
 
@@ -107,10 +110,14 @@ def step_matmuls(runner: ModelRunner, batch: int, samples: int) -> list[tuple[to
     return work
 
 
-def floor_products(runner: ModelRunner, batch: int, samples: int):
-    """A function running the step's matrix products alone (inputs made beforehand)."""
+def floor_products(runner: ModelRunner, batch: int, samples: int, screened: bool = False):
+    """A function running the step's matrix products alone (inputs made beforehand); `screened`: the vocabulary
+    projection in bfloat16, as the C++ step's screen computes it."""
     work = [(torch.randn(shape, dtype=weight.dtype), weight) for shape, weight in step_matmuls(runner, batch, samples)]
     projection = runner.decoder.lm_head_weight
+    if screened:
+        projection = projection.bfloat16()
+        work = [(x.bfloat16(), projection) if w is runner.decoder.lm_head_weight else (x, w) for x, w in work]
 
     def run():
         for x, weight in work:
@@ -137,7 +144,13 @@ def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: Sampling
     for i, prompt in enumerate(prompts):
         engine.add_request(f"floor-{i}", prompt, params)
     engine.step()  # prefill + first chunk
-    floor = floor_products(engine.runner, batch, params.samples_per_step)
+    screened = (
+        engine.cpu_step is not None
+        and engine.cpu_step.screen_vocab
+        and batch <= CPU_STEP_MAX_BATCH
+        and params.samples_per_step == 1
+    )
+    floor = floor_products(engine.runner, batch, params.samples_per_step, screened)
     floor()
     steps, floors = [], []
     for _ in range(rounds):

@@ -7,7 +7,9 @@
 //
 // Computes what calm_engine/engine/model_runner.py computes (its PyTorch path is the reference in the tests):
 // input compression -> Llama layers over the engine's KV-cache slots -> energy head with the given noise ->
-// autoencoder decoder -> vocabulary projection + argmax (first index on ties).
+// autoencoder decoder -> vocabulary projection + argmax (first index on ties). Where torch's MKL has a bfloat16 GEMM,
+// the projection's argmax is found through a bfloat16 screen and float32 recomputation of the few ids it leaves
+// (vocab_screen.h): the same argmax, with fewer float32 products.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -22,6 +24,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "vocab_screen.h"
 
 namespace py = pybind11;
 
@@ -73,6 +77,7 @@ struct Norm {
 // With `best` set it is the vocabulary projection instead: out is unused, and for every row the first maximum of
 // the logits over columns n0..n1 goes to best (see run_argmax).
 struct ArgmaxResult;
+struct ScreenTask;
 struct GemmTask {
   const Linear* l = nullptr;
   const float* in = nullptr;
@@ -80,6 +85,15 @@ struct GemmTask {
   int rows = 0, n0 = 0, n1 = 0;
   bool accumulate = false;
   ArgmaxResult* best = nullptr;
+  const ScreenTask* screen = nullptr;  // the screened vocabulary projection of ids n0..n1 instead (vocab_screen.h)
+};
+
+// One thread's share of the screened vocabulary projection: x as bfloat16 with its rows' error bounds.
+struct ScreenTask {
+  const calm_cpu::VocabScreen* vocab = nullptr;
+  const uint16_t* x = nullptr;
+  const float* bound = nullptr;
+  calm_cpu::ScreenPart* part = nullptr;
 };
 
 // Per row, the largest logit seen and its first column; `logits` is the thread's tile buffer.
@@ -118,6 +132,11 @@ void run_argmax(Sgemm sgemm, const GemmTask& t) {
 }
 
 void run_gemm(Sgemm sgemm, const GemmTask& t) {
+  if (t.screen != nullptr) {
+    const ScreenTask& s = *t.screen;
+    calm_cpu::screen_range(*s.vocab, s.x, s.bound, t.rows, t.n0, t.n1, kVocabTile, *s.part);
+    return;
+  }
   if (t.best != nullptr) {
     run_argmax(sgemm, t);
     return;
@@ -210,8 +229,11 @@ class GemmWorker {
 
 class DecodeStep {
  public:
-  // `arrays` keeps every buffer alive; `spec` names them (see model_runner.CpuDecodeStep for the layout).
-  DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays)
+  // `arrays` keeps every buffer alive; `spec` names them (see cpu_step.CpuDecodeStep for the layout).
+  // `vocab_screen` is None, or (address of cblas_gemm_bf16bf16f32, the projection's weight as bfloat16 bits
+  // [vocab, in], its row norms [vocab] rounded up): then the vocabulary argmax goes through the screen.
+  DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays,
+             py::object vocab_screen)
       : sgemm_(reinterpret_cast<Sgemm>(sgemm)), set_threads_(reinterpret_cast<SetThreadsLocal>(set_threads_local)) {
     if (threads > 1) worker_ = std::make_unique<GemmWorker>(sgemm_, set_threads_);
     for (auto item : arrays) keep_.push_back(item.cast<FloatArray>());
@@ -246,7 +268,24 @@ class DecodeStep {
       ae_layers_.push_back({norm(l["norm"]), linear(l["gate_up"]), linear(l["down"])});
     }
     ae_norm_ = norm(spec["ae_norm"]), lm_head_ = linear(spec["lm_head"]);
+    if (!vocab_screen.is_none()) {
+      auto t = vocab_screen.cast<py::tuple>();
+      screen_bf16_ = t[1].cast<py::array_t<uint16_t, py::array::c_style>>();
+      screen_norm_ = t[2].cast<FloatArray>();
+      if (screen_bf16_.ndim() != 2 || screen_bf16_.shape(0) != lm_head_.out || screen_bf16_.shape(1) != lm_head_.in ||
+          screen_norm_.ndim() != 1 || screen_norm_.shape(0) != lm_head_.out)
+        throw std::invalid_argument("DecodeStep: vocab_screen expects a bfloat16 weight [vocab, in] and norms [vocab]");
+      screen_.gemm = reinterpret_cast<calm_cpu::GemmBf16>(t[0].cast<std::uintptr_t>());
+      screen_.weight = lm_head_.weight, screen_.weight_bf16 = screen_bf16_.data(), screen_.row_norm = screen_norm_.data();
+      screen_.vocab = lm_head_.out, screen_.in = lm_head_.in;
+      screen_.max_row_norm = calm_cpu::largest_norm(screen_.row_norm, screen_.vocab);
+      if (!(screen_.max_row_norm < 1e30))
+        throw std::invalid_argument("DecodeStep: vocab_screen needs finite projection rows of norm below 1e30");
+    }
   }
+
+  // Rows of this step's vocabulary argmax that the screen could not settle (projected in full instead).
+  int64_t screen_fallback_rows() const { return screen_fallback_rows_; }
 
   // ids [B, K], positions [B], slots [B] (int64), noise [B, noise] -> next ids [B, K]. Writes the cache.
   py::array_t<int64_t> run(py::array_t<int64_t, py::array::c_style> ids, py::array_t<int64_t, py::array::c_style> positions,
@@ -554,8 +593,16 @@ class DecodeStep {
       gated_mlp(ae_layers_[i].norm, ae_layers_[i].gate_up, ae_layers_[i].down, ae_act_, expanded, rows, a);
     normed.resize(expanded.size());
     rms_norm(ae_norm_, expanded.data(), normed.data(), rows, a);
-    // The two threads take the two halves of the vocabulary, each in tiles (run_argmax); the lower half wins ties.
-    GemmTask mine{&lm_head_, normed.data(), nullptr, rows, 0, vocab_, false, &argmax_[0]};
+    if (screen_.gemm != nullptr)
+      screened_argmax(normed.data(), rows, out);
+    else
+      projected_argmax(normed.data(), rows, out);
+  }
+
+  // The vocabulary argmax of rows x from the float32 projection. The two threads take the two halves of the
+  // vocabulary, each in tiles (run_argmax); the lower half wins ties.
+  void projected_argmax(const float* x, int rows, int64_t* out) {
+    GemmTask mine{&lm_head_, x, nullptr, rows, 0, vocab_, false, &argmax_[0]};
     if (worker_ && vocab_ >= 2 * kVocabTile) {
       GemmTask theirs = mine;
       mine.n1 = theirs.n0 = (vocab_ / 2) & ~15;
@@ -569,9 +616,52 @@ class DecodeStep {
     }
   }
 
+  // The two threads screen the two halves of the vocabulary (whole tiles, the lower half first in id order); then each
+  // row's candidates are recomputed in float32 here. If the screen leaves any row open (ties or near-ties among more
+  // than kMaxCandidates ids, or a non-finite row), all rows are projected in full, as without the screen: the same
+  // products at the same row count, so such rows get the same argmax as the unscreened step.
+  void screened_argmax(const float* x, int rows, int64_t* out) {
+    const int a = lm_head_.in;
+    calm_cpu::prepare_rows(screen_, x, rows, screen_x_, screen_bound_, screen_usable_);
+    ScreenTask shares[2];
+    for (int p = 0; p < 2; ++p) shares[p] = {&screen_, screen_x_.data(), screen_bound_.data(), &screen_parts_[p]};
+    GemmTask mine{&lm_head_, nullptr, nullptr, rows, 0, vocab_};
+    mine.screen = &shares[0];
+    const int tiles = (vocab_ + kVocabTile - 1) / kVocabTile;
+    int parts = 1;
+    if (worker_ && tiles >= 2) {
+      GemmTask theirs = mine;
+      mine.n1 = theirs.n0 = (tiles + 1) / 2 * kVocabTile;
+      theirs.screen = &shares[1];
+      worker_->run_pair(mine, theirs);
+      parts = 2;
+    } else {
+      run_gemm(sgemm_, mine);
+    }
+    screen_fallback_rows_ = 0;
+    for (int r = 0; r < rows; ++r) {
+      const float* row = x + static_cast<size_t>(r) * a;
+      out[r] = screen_usable_[r] ? calm_cpu::pick_candidate(screen_, row, r, screen_parts_, parts) : -1;
+      screen_fallback_rows_ += out[r] < 0;
+    }
+    if (screen_fallback_rows_ == 0) return;
+    std::vector<int64_t> whole(rows);
+    projected_argmax(x, rows, whole.data());
+    for (int r = 0; r < rows; ++r)
+      if (out[r] < 0) out[r] = whole[r];
+  }
+
   Sgemm sgemm_;
   SetThreadsLocal set_threads_;
   std::unique_ptr<GemmWorker> worker_;
+  calm_cpu::VocabScreen screen_;  // gemm is null when the projection is not screened
+  py::array_t<uint16_t, py::array::c_style> screen_bf16_;
+  FloatArray screen_norm_;
+  calm_cpu::ScreenPart screen_parts_[2];
+  std::vector<uint16_t> screen_x_;
+  std::vector<float> screen_bound_;
+  std::vector<char> screen_usable_;
+  int64_t screen_fallback_rows_ = 0;
   ArgmaxResult argmax_[2];  // the vocabulary halves of this thread and of the worker
   std::vector<FloatArray> keep_;
   int hidden_, heads_, kv_heads_, head_dim_, patch_, noise_, latent_, ae_hidden_, vocab_, capacity_, slots_;
@@ -592,12 +682,57 @@ class DecodeStep {
   Linear lm_head_;
 };
 
+// The screened argmax on its own (one thread, one tile per `tile` ids) for tests: x [R, in] and the projection's
+// weight [vocab, in] (float32), its bfloat16 bits and row norms -> (ids [R], rows projected in full). A row the screen
+// leaves open is reduced here with a plain float32 loop (first maximum).
+py::tuple screened_vocab_argmax(std::uintptr_t gemm_bf16, FloatArray x, FloatArray weight,
+                                py::array_t<uint16_t, py::array::c_style> weight_bf16, FloatArray row_norm, int tile) {
+  if (x.ndim() != 2 || weight.ndim() != 2 || x.shape(1) != weight.shape(1) || weight_bf16.ndim() != 2 ||
+      weight_bf16.shape(0) != weight.shape(0) || weight_bf16.shape(1) != weight.shape(1) || row_norm.ndim() != 1 ||
+      row_norm.shape(0) != weight.shape(0) || tile < 1)
+    throw std::invalid_argument("screened_vocab_argmax: expected x [R, in], weight and its bfloat16 copy [V, in], norms [V]");
+  calm_cpu::VocabScreen v;
+  v.gemm = reinterpret_cast<calm_cpu::GemmBf16>(gemm_bf16);
+  v.weight = weight.data(), v.weight_bf16 = weight_bf16.data(), v.row_norm = row_norm.data();
+  v.vocab = static_cast<int>(weight.shape(0)), v.in = static_cast<int>(weight.shape(1));
+  v.max_row_norm = calm_cpu::largest_norm(v.row_norm, v.vocab);
+  if (!(v.max_row_norm < 1e30)) throw std::invalid_argument("screened_vocab_argmax: weight rows must be finite, norm < 1e30");
+  const int rows = static_cast<int>(x.shape(0));
+  std::vector<uint16_t> x_bf16;
+  std::vector<float> bound;
+  std::vector<char> usable;
+  calm_cpu::ScreenPart part;
+  calm_cpu::prepare_rows(v, x.data(), rows, x_bf16, bound, usable);
+  calm_cpu::screen_range(v, x_bf16.data(), bound.data(), rows, 0, v.vocab, tile, part);
+  py::array_t<int64_t> ids(rows);
+  int64_t fallback = 0;
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x.data() + static_cast<size_t>(r) * v.in;
+    int64_t id = usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1) : -1;
+    if (id < 0) {
+      ++fallback;
+      float best = -INFINITY;
+      for (int c = 0; c < v.vocab; ++c) {
+        float dot = 0.0f;
+        for (int i = 0; i < v.in; ++i) dot += row[i] * v.weight[static_cast<size_t>(c) * v.in + i];
+        if (id < 0 || dot > best) best = dot, id = c;
+      }
+    }
+    ids.mutable_data()[r] = id;
+  }
+  return py::make_tuple(ids, fallback);
+}
+
 }  // namespace
 
 void register_decode_step(py::module_& m) {
+  m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("gemm_bf16"), py::arg("x"), py::arg("weight"),
+        py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"));
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list>(), py::arg("sgemm"),
-           py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"))
+      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list, py::object>(), py::arg("sgemm"),
+           py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"),
+           py::arg("vocab_screen") = py::none())
+      .def_property_readonly("screen_fallback_rows", &DecodeStep::screen_fallback_rows)
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))
       .def("prefill", &DecodeStep::prefill, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("last"),
            py::arg("noise"));

@@ -5,6 +5,10 @@ For small batches on a CPU the eager step is ~120 PyTorch operations whose dispa
 matrix products (benchmarks/RESULTS.md). The C++ step reads the ModelRunner's weights and KV cache in place (numpy
 views, nothing copied) and hands its matrix products to the sgemm of the BLAS inside torch, found at run time.
 The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
+
+Where torch's MKL exports its bfloat16 GEMM, the vocabulary argmax goes through a bfloat16 screen with a rigorous
+error bound and float32 recomputation of the ids it leaves (csrc/vocab_screen.h): the float32 argmax, computed mostly
+in bfloat16. The step keeps a bfloat16 copy of the projection's weight for it (half the weight's size).
 """
 
 from __future__ import annotations
@@ -12,26 +16,53 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calm_engine.engine import model_runner
 from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
 
 
+@dataclass(frozen=True)
+class BlasAddresses:
+    """Entry points of the MKL inside torch's CPU library: the Fortran-interface sgemm_, MKL_Set_Num_Threads_Local
+    and, where exported (else None), cblas_gemm_bf16bf16f32."""
+
+    sgemm: int
+    set_threads_local: int
+    gemm_bf16: int | None
+
+
 @functools.cache
-def torch_blas_addresses() -> tuple[int, int] | None:
-    """Addresses of the Fortran-interface sgemm_ and the C-interface MKL_Set_Num_Threads_Local that torch's CPU
-    library exports (its MKL), or None where it exports no such symbols."""
+def torch_blas_addresses() -> BlasAddresses | None:
+    """torch's BLAS entry points, or None where its CPU library exports no sgemm_."""
     if not sys.platform.startswith("linux"):
         return None
     library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
         handle = ctypes.CDLL(str(library))
-        return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in (handle.sgemm_, handle.MKL_Set_Num_Threads_Local))
-    except (OSError, AttributeError):
+    except OSError:
         return None
+
+    def address(name: str) -> int | None:
+        function = getattr(handle, name, None)
+        return None if function is None else ctypes.cast(function, ctypes.c_void_p).value
+
+    sgemm, set_threads_local = address("sgemm_"), address("MKL_Set_Num_Threads_Local")
+    if sgemm is None or set_threads_local is None:
+        return None
+    return BlasAddresses(sgemm, set_threads_local, address("cblas_gemm_bf16bf16f32"))
+
+
+def vocab_screen_arrays(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The screen's view of a projection weight [vocab, in]: its bfloat16 bits (rounded to nearest even) and its row
+    norms, computed in float64 and rounded up to float32."""
+    bits = weight.detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    norms = weight.detach().double().norm(dim=1).mul(1 + 2**-20).float().numpy()
+    return np.ascontiguousarray(bits), np.ascontiguousarray(norms)
 
 
 def available(runner: ModelRunner) -> bool:
@@ -46,7 +77,10 @@ def available(runner: ModelRunner) -> bool:
 
 
 class CpuDecodeStep:
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, screen_vocab: bool | None = None):
+        """screen_vocab: the vocabulary argmax through the bfloat16 screen; None uses it where torch's MKL has the
+        bfloat16 GEMM and the projection's rows are finite (norm below 1e30), True insists (an error where it
+        cannot)."""
         if not available(runner):
             raise RuntimeError(
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
@@ -137,10 +171,21 @@ class CpuDecodeStep:
             "ae_norm": norm(decoder.norm),
             "lm_head": packed(decoder.lm_head_weight, None),
         }
-        sgemm, set_threads_local = torch_blas_addresses()
+        blas = torch_blas_addresses()
+        projection = decoder.lm_head_weight
+        # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums.
+        screenable = blas.gemm_bf16 is not None and bool(projection.detach().double().norm(dim=1).max() < 1e30)
+        if screen_vocab and not screenable:
+            raise RuntimeError(
+                "CpuDecodeStep: the vocabulary screen needs torch's bfloat16 GEMM and finite projection weights"
+            )
+        self.screen_vocab = screenable if screen_vocab is None else screen_vocab
+        screen = (blas.gemm_bf16, *vocab_screen_arrays(projection)) if self.screen_vocab else None
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
-        self._step = model_runner._calm_cpu.DecodeStep(sgemm, set_threads_local, threads, spec, arrays)
+        self._step = model_runner._calm_cpu.DecodeStep(
+            blas.sgemm, blas.set_threads_local, threads, spec, arrays, vocab_screen=screen
+        )
 
     def run(
         self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor
@@ -165,6 +210,11 @@ class CpuDecodeStep:
             ids.numpy(), positions.numpy(), rows_slot.numpy(), last.numpy(), self._noise(seeds, steps)
         )
         return torch.from_numpy(out)
+
+    @property
+    def screen_fallback_rows(self) -> int:
+        """Rows of the last call's vocabulary argmax that the screen left open and the step projected in full."""
+        return self._step.screen_fallback_rows
 
     def _noise(self, seeds: torch.Tensor, steps: torch.Tensor):
         noise = self.runner.noise(seeds, steps * COUNTERS_PER_STEP, 1, self.runner.config.noise_size)[:, 0]

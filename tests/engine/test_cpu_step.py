@@ -98,7 +98,8 @@ def test_engine_output_is_the_same_with_and_without_the_cpu_step():
     ]
 
 
-def _step_and_reference(model: CalmModel, rows: int = 6):
+def _step_and_reference(model: CalmModel, rows: int = 6, screen_vocab: bool | None = None):
+    """The C++ step's output for `rows` one-chunk prompts, the PyTorch path's, and the step."""
     cache = SlotKVCache(model.config, rows, 8, model.device, model.dtype)
     runner = ModelRunner(model, cache)
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
@@ -108,15 +109,25 @@ def _step_and_reference(model: CalmModel, rows: int = 6):
     expected, _ = runner.sample_patches(hidden, t1_batch(seeds, steps))
     for tensor in cache.keys + cache.values:
         tensor.zero_()
-    return cpu_step.CpuDecodeStep(runner).run(ids, positions, slots, seeds, steps), expected
+    step = cpu_step.CpuDecodeStep(runner, screen_vocab=screen_vocab)
+    return step.run(ids, positions, slots, seeds, steps), expected, step
 
 
+SCREEN = [False, pytest.param(True, marks=pytest.mark.skipif(
+    cpu_step.torch_blas_addresses() is None or cpu_step.torch_blas_addresses().gemm_bf16 is None,
+    reason="torch's MKL has no bfloat16 GEMM",
+))]  # fmt: skip
+
+
+@pytest.mark.parametrize("screen_vocab", SCREEN)
 @pytest.mark.parametrize("vocab_size", [1024, 2999])  # the vocabulary split in halves and 512-column tiles
-def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size):
+def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size, screen_vocab):
     torch.manual_seed(vocab_size)
     model = context_sensitive_model(seed=3, vocab_size=vocab_size)
-    got, expected = _step_and_reference(model)
+    got, expected, step = _step_and_reference(model, rows=8, screen_vocab=screen_vocab)
     assert torch.equal(got, expected)
+    assert step.screen_vocab == screen_vocab
+    assert step.screen_fallback_rows == 0  # with the screen: every row settled by it
 
 
 @torch.no_grad()
@@ -125,9 +136,11 @@ def test_cpu_step_argmax_ties_go_to_the_first_id():
     model = context_sensitive_model(seed=4, vocab_size=2999)
     embedding = model.autoencoder.encoder.embed_tokens.weight
     embedding.copy_(embedding[:1].expand_as(embedding))
-    got, expected = _step_and_reference(model)
+    got, expected, step = _step_and_reference(model)
     assert torch.equal(expected, torch.zeros_like(expected))
     assert torch.equal(got, expected)
+    if step.screen_vocab:  # every row ties on all ids: the screen hands them all to the float32 projection
+        assert step.screen_fallback_rows == expected.numel()
 
 
 def test_cpu_step_on_one_thread():
@@ -136,7 +149,17 @@ def test_cpu_step_on_one_thread():
     torch.set_num_threads(1)
     try:
         model = context_sensitive_model(seed=5, vocab_size=1500)
-        got, expected = _step_and_reference(model)
+        got, expected, _ = _step_and_reference(model)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, expected)
+
+
+@torch.no_grad()
+def test_cpu_step_does_not_screen_a_projection_it_cannot_bound():
+    model = context_sensitive_model(seed=6, vocab_size=1100)
+    model.autoencoder.encoder.embed_tokens.weight[17, 3] = 1e31  # the tied projection: one row beyond the bound
+    runner = ModelRunner(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
+    assert not cpu_step.CpuDecodeStep(runner).screen_vocab
+    with pytest.raises(RuntimeError, match="screen"):
+        cpu_step.CpuDecodeStep(runner, screen_vocab=True)

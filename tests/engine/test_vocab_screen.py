@@ -1,0 +1,86 @@
+"""The bfloat16-screened vocabulary argmax (csrc/vocab_screen.h) against the float32 argmax of torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calm_engine.engine import cpu_step
+
+_calm_cpu = cpu_step.model_runner._calm_cpu
+BLAS = cpu_step.torch_blas_addresses()
+pytestmark = pytest.mark.skipif(
+    _calm_cpu is None or BLAS is None or BLAS.gemm_bf16 is None,
+    reason="calm_engine._calm_cpu is not built or torch's MKL has no bfloat16 GEMM",
+)
+
+
+def screened(x: torch.Tensor, weight: torch.Tensor, tile: int = 512) -> tuple[torch.Tensor, int]:
+    bits, norms = cpu_step.vocab_screen_arrays(weight)
+    ids, fallback = _calm_cpu.screened_vocab_argmax(BLAS.gemm_bf16, x.numpy(), weight.numpy(), bits, norms, tile)
+    return torch.from_numpy(ids), fallback
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ weight.double().T).argmax(-1)  # float64: no near-tie is decided by rounding here
+
+
+@pytest.mark.parametrize(
+    ("rows", "vocab", "width", "tile"), [(1, 700, 24, 512), (7, 2999, 33, 512), (32, 8192, 128, 256)]
+)
+def test_screen_matches_the_float32_argmax_on_random_inputs(rows, vocab, width, tile):
+    generator = torch.Generator().manual_seed(rows * vocab + width)
+    # Rows of very different scales, so the bound has to scale with each row and each weight.
+    x = torch.randn(rows, width, generator=generator) * torch.logspace(-3, 3, rows)[:, None]
+    weight = torch.randn(vocab, width, generator=generator) * torch.rand(vocab, 1, generator=generator)
+    ids, fallback = screened(x, weight, tile)
+    assert fallback == 0
+    assert torch.equal(ids, reference(x, weight))
+
+
+def test_screen_separates_ids_that_bfloat16_cannot():
+    """Twenty rows differ from one another by less than bfloat16 resolves: the screen keeps them all as candidates and
+    the float32 recomputation picks the true maximum, where the bfloat16 logits alone often pick another."""
+    generator = torch.Generator().manual_seed(11)
+    rows, vocab, width = 16, 1500, 64
+    direction = torch.randn(width, generator=generator)
+    x = direction + 0.05 * torch.randn(rows, width, generator=generator)
+    weight = 0.3 * torch.randn(vocab, width, generator=generator)
+    group = torch.randperm(vocab, generator=generator)[:20]
+    weight[group] = direction + 1e-4 * torch.randn(20, width, generator=generator)
+    expected = reference(x, weight)
+    assert set(expected.tolist()) <= set(group.tolist())
+    bfloat16_ids = (x.bfloat16().float() @ weight.bfloat16().float().T).argmax(-1)
+    assert not torch.equal(bfloat16_ids, expected)  # the case is hard: bfloat16 alone gets it wrong
+    ids, fallback = screened(x, weight)
+    assert fallback == 0
+    assert torch.equal(ids, expected)
+
+
+def test_screen_leaves_rows_with_too_many_ties_to_the_full_projection():
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(1, 40, generator=generator).expand(1000, 40).contiguous()  # every logit ties
+    x = torch.randn(3, 40, generator=generator)
+    ids, fallback = screened(x, weight)
+    assert fallback == 3
+    assert torch.equal(ids, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_screen_leaves_non_finite_or_huge_rows_to_the_full_projection(bad):
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 48, generator=generator)
+    x[2, 7] = bad
+    weight = torch.randn(900, 48, generator=generator)
+    ids, fallback = screened(x, weight)
+    assert fallback == 1
+    keep = torch.tensor([0, 1, 3])
+    assert torch.equal(ids[keep], reference(x[keep], weight))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e31])
+def test_screen_refuses_projection_rows_it_cannot_bound(bad):
+    weight = torch.randn(600, 16)
+    weight[123, 4] = bad
+    with pytest.raises(ValueError, match="finite"):
+        screened(torch.randn(2, 16), weight)
