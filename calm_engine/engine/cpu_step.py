@@ -6,9 +6,10 @@ matrix products (benchmarks/RESULTS.md). The C++ step reads the ModelRunner's we
 views, nothing copied) and hands its matrix products to the sgemm of the BLAS inside torch, found at run time.
 The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
 
-Where torch's MKL exports its bfloat16 GEMM, the vocabulary argmax goes through a bfloat16 screen with a rigorous
-error bound and float32 recomputation of the ids it leaves (csrc/vocab_screen.h): the float32 argmax, computed mostly
-in bfloat16. The step keeps a bfloat16 copy of the projection's weight for it (half the weight's size).
+Where torch's MKL exports its bfloat16 GEMM and the CPU has bfloat16 arithmetic, the vocabulary argmax goes through
+a bfloat16 screen with a rigorous error bound and float32 recomputation of the ids it leaves (csrc/vocab_screen.h):
+the float32 argmax, computed mostly in bfloat16. The step keeps a bfloat16 copy of the projection's weight for it
+(half the weight's size).
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def torch_blas_addresses() -> BlasAddresses | None:
     return BlasAddresses(sgemm, set_threads_local, address("cblas_gemm_bf16bf16f32"))
 
 
+@functools.cache
+def cpu_has_bfloat16_arithmetic() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16, from /proc/cpuinfo). Elsewhere MKL's
+    bfloat16 GEMM converts to float32 first and the screen would only add work."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def vocab_screen_arrays(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The screen's view of a projection weight [vocab, in]: its bfloat16 bits (rounded to nearest even) and its row
     norms, computed in float64 and rounded up to float32."""
@@ -79,8 +92,8 @@ def available(runner: ModelRunner) -> bool:
 class CpuDecodeStep:
     def __init__(self, runner: ModelRunner, screen_vocab: bool | None = None):
         """screen_vocab: the vocabulary argmax through the bfloat16 screen; None uses it where torch's MKL has the
-        bfloat16 GEMM and the projection's rows are finite (norm below 1e30), True insists (an error where it
-        cannot)."""
+        bfloat16 GEMM, the CPU bfloat16 arithmetic and the projection finite rows (norm below 1e30); True insists
+        (an error where it cannot, whatever the CPU)."""
         if not available(runner):
             raise RuntimeError(
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
@@ -179,7 +192,9 @@ class CpuDecodeStep:
             raise RuntimeError(
                 "CpuDecodeStep: the vocabulary screen needs torch's bfloat16 GEMM and finite projection weights"
             )
-        self.screen_vocab = screenable if screen_vocab is None else screen_vocab
+        if screen_vocab is None:
+            screen_vocab = screenable and cpu_has_bfloat16_arithmetic()
+        self.screen_vocab = screen_vocab
         screen = (blas.gemm_bf16, *vocab_screen_arrays(projection)) if self.screen_vocab else None
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
