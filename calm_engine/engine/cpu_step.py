@@ -70,12 +70,15 @@ def cpu_has_bfloat16_arithmetic() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def vocab_screen_arrays(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The screen's view of a projection weight [vocab, in]: its bfloat16 bits (rounded to nearest even) and its row
-    norms, computed in float64 and rounded up to float32."""
-    bits = weight.detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    norms = weight.detach().double().norm(dim=1).mul(1 + 2**-20).float().numpy()
-    return np.ascontiguousarray(bits), np.ascontiguousarray(norms)
+def bfloat16_bits(weight: torch.Tensor) -> np.ndarray:
+    """A float32 weight rounded to bfloat16 (nearest even), as the uint16 bits the screen reads."""
+    return np.ascontiguousarray(weight.detach().to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+
+
+def projection_row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of the row norms of a weight [vocab, in] in float32, for the screen's error bound: the float32
+    norm, whose relative error is at most about in * 2^-24, raised by in * 2^-21. Rows that overflow are inf."""
+    return weight.detach().float().norm(dim=1).mul_(1 + weight.shape[1] * 2**-21)
 
 
 def available(runner: ModelRunner) -> bool:
@@ -186,8 +189,9 @@ class CpuDecodeStep:
         }
         blas = torch_blas_addresses()
         projection = decoder.lm_head_weight
+        norms = projection_row_norms(projection)
         # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums.
-        screenable = blas.gemm_bf16 is not None and bool(projection.detach().double().norm(dim=1).max() < 1e30)
+        screenable = blas.gemm_bf16 is not None and bool(norms.max() < 1e30)
         if screen_vocab and not screenable:
             raise RuntimeError(
                 "CpuDecodeStep: the vocabulary screen needs torch's bfloat16 GEMM and finite projection weights"
@@ -195,7 +199,7 @@ class CpuDecodeStep:
         if screen_vocab is None:
             screen_vocab = screenable and cpu_has_bfloat16_arithmetic()
         self.screen_vocab = screen_vocab
-        screen = (blas.gemm_bf16, *vocab_screen_arrays(projection)) if self.screen_vocab else None
+        screen = (blas.gemm_bf16, bfloat16_bits(projection), norms.numpy()) if self.screen_vocab else None
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
         self._step = model_runner._calm_cpu.DecodeStep(

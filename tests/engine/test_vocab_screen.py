@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def screened(x: torch.Tensor, weight: torch.Tensor, tile: int = 512) -> tuple[torch.Tensor, int]:
-    bits, norms = cpu_step.vocab_screen_arrays(weight)
+    bits, norms = cpu_step.bfloat16_bits(weight), cpu_step.projection_row_norms(weight).numpy()
     ids, fallback = _calm_cpu.screened_vocab_argmax(BLAS.gemm_bf16, x.numpy(), weight.numpy(), bits, norms, tile)
     return torch.from_numpy(ids), fallback
 
