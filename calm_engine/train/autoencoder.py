@@ -55,6 +55,9 @@ class AutoencoderTrainConfig:
     # id (never pad, which DropToken writes) with this probability. A small corpus leaves rare tokens' embeddings
     # untrained, and the autoencoder then fails every token it saw under 10 times; this shows it every id.
     random_token: float = 0.0
+    # Not in the official recipe: the training sample z = mean + max(std, min_sample_std) * eps, so that the decoder
+    # learns to read every dimension under at least this much noise (the KL term still sees the encoder's std).
+    min_sample_std: float = 0.0
     # Running.
     bf16: bool = True  # bfloat16 autocast for the matmuls (2.7x the float32 GEMM rate on this CPU)
     seed: int = 0
@@ -80,7 +83,7 @@ class AutoencoderTrainConfig:
         for name in ("drop_token", "drop_latent", "random_token"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1), got {getattr(self, name)}")
-        for name in ("final_lr_fraction", "weight_decay", "kl_clamp", "kl_weight"):
+        for name in ("final_lr_fraction", "weight_decay", "kl_clamp", "kl_weight", "min_sample_std"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_interval % self.log_interval:
@@ -147,16 +150,20 @@ def autoencoder_loss(
     drop_latent: float,
     kl_clamp: float,
     kl_weight: float,
+    min_sample_std: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> LossTerms:
-    """The training loss on chunks [N, K] of token ids: encode the (token-dropped) ids, sample z = mean + std * eps,
-    drop latent entries, decode, and score against the original ids."""
+    """The training loss on chunks [N, K] of token ids: encode the (token-dropped) ids, sample
+    z = mean + max(std, min_sample_std) * eps, drop latent entries, decode, and score against the original ids."""
     inputs = chunks
     if drop_token > 0:
         keep = torch.rand(chunks.shape, generator=generator) >= drop_token
         inputs = chunks * keep  # dropped ids become 0, the pad id, as the official code does
     mean, log_std = autoencoder.encode(inputs)
-    z = mean + torch.exp(log_std) * torch.randn(mean.shape, generator=generator)
+    std = torch.exp(log_std)
+    if min_sample_std > 0:
+        std = std.clamp(min=min_sample_std)
+    z = mean + std * torch.randn(mean.shape, generator=generator)
     if drop_latent > 0:
         keep = (torch.rand(z.shape, generator=generator) >= drop_latent).to(z.dtype)
         z = z * keep / (1 - drop_latent)  # inverted dropout, as F.dropout
@@ -269,6 +276,7 @@ def train_autoencoder(
         drop_latent=config.drop_latent,
         kl_clamp=config.kl_clamp,
         kl_weight=config.kl_weight,
+        min_sample_std=config.min_sample_std,
         generator=generator,
     )
 

@@ -50,7 +50,8 @@ def test_clamped_kl_by_hand():
     assert clamped_kl(mean, log_std, clamp).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_loss_terms_by_hand():
+@pytest.mark.parametrize("min_sample_std", [0.0, 1.0])
+def test_loss_terms_by_hand(min_sample_std):
     autoencoder = tiny_autoencoder()
     chunks = torch.randint(0, TINY.vocab_size, (6, TINY.patch_size), generator=torch.Generator().manual_seed(1))
     terms = autoencoder_loss(
@@ -60,12 +61,18 @@ def test_loss_terms_by_hand():
         drop_latent=0.0,
         kl_clamp=0.5,
         kl_weight=1e-3,
+        min_sample_std=min_sample_std,
         generator=torch.Generator().manual_seed(7),
     )
     with torch.no_grad():
         mean, log_std = autoencoder.encode(chunks)
+        std = torch.exp(log_std)
+        if min_sample_std:
+            # the floor must bite on some entries and leave others, or the test could not tell it from no floor
+            assert (std < min_sample_std).any() and (std > min_sample_std).any()
+            std = torch.where(std < min_sample_std, torch.full_like(std, min_sample_std), std)
         eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(7))
-        logits = autoencoder.decode(mean + torch.exp(log_std) * eps)
+        logits = autoencoder.decode(mean + std * eps)
     nll = []
     for row in range(chunks.shape[0]):
         for position in range(TINY.patch_size):
@@ -218,6 +225,7 @@ def test_learning_rate_schedule():
         ("num_encoder_layers", 3, "even"),
         ("drop_token", 1.0, "probability"),
         ("random_token", -0.1, "probability"),
+        ("min_sample_std", -0.1, "min_sample_std"),
         ("lr", 0.0, "lr"),
         ("eval_tokens", 2, "chunk"),
         ("batch_chunks", True, "batch_chunks"),
