@@ -57,7 +57,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# The shipped model: the autoencoder and CALM train in about 45 minutes on 2 CPU cores, the baseline in 26 more.
+# The shipped model: the autoencoder and CALM train in about 50 minutes on 2 CPU cores, the baseline in 26 more.
 # CALM and the token baseline share the backbone and the schedule (3000 windows of 4 x 512 tokens; CALM at twice the
 # learning rate): the same model size and training tokens, so their BrierLM compares like for like
 # (calm_engine/default_model/MODEL_CARD.md).
@@ -86,6 +86,10 @@ DEFAULT_RECIPE = Recipe(
         # std 0.236 (98.8% held out at sigma 0.3), 5e-3 0.269 (99.3%), 1.2e-2 (with random tokens 0.2) 0.327 (99.2%
         # held out, 98.5% on WikiText, where 5e-3 with 0.1 had 98.4%).
         kl_weight=1.2e-2,
+        # The posterior std averages 0.33, but on WikiText 64% of its entries lie below 0.3 (15% below 0.2), so the
+        # sigma 0.3 test put most dimensions under more noise than training ever did. Drawing the training sample
+        # with a floor of 0.3 took sigma 0.3 accuracy from 99.25% to 99.85% held out, 98.53% to 99.72% on WikiText.
+        min_sample_std=0.3,
     ),
     # The next-chunk probe: in a 400-step probe it brought the held-out energy loss to 13.91 (14.16 without), where
     # the plain recipe only arrived after about 1500 steps; a step costs about 1.5x as long.
