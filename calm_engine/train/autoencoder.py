@@ -160,9 +160,7 @@ def autoencoder_loss(
         keep = torch.rand(chunks.shape, generator=generator) >= drop_token
         inputs = chunks * keep  # dropped ids become 0, the pad id, as the official code does
     mean, log_std = autoencoder.encode(inputs)
-    std = torch.exp(log_std)
-    if min_sample_std > 0:
-        std = std.clamp(min=min_sample_std)
+    std = torch.exp(log_std).clamp(min=min_sample_std)  # a floor of 0 changes nothing
     z = mean + std * torch.randn(mean.shape, generator=generator)
     if drop_latent > 0:
         keep = (torch.rand(z.shape, generator=generator) >= drop_latent).to(z.dtype)
