@@ -23,7 +23,7 @@ def calm_cpu_extension() -> Extension:
     return Extension(
         "calm_engine._calm_cpu",
         ["csrc/calm_cpu.cpp", "csrc/decode_step.cpp", "csrc/exact_sampler.cpp"],
-        depends=["csrc/vocab_screen.h"],
+        depends=["csrc/packed_linear.h", "csrc/vector_math.h", "csrc/vocab_screen.h"],
         include_dirs=[pybind11.get_include()],
         language="c++",
         # No fused multiply-add: the noise must round exactly like the kernel and the tensor reference.

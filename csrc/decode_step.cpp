@@ -21,10 +21,13 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "packed_linear.h"
+#include "vector_math.h"
 #include "vocab_screen.h"
 
 namespace py = pybind11;
@@ -60,11 +63,23 @@ inline float activate(float x, Activation a) {
   return x;
 }
 
+// out[i] = act(g[i]) * u[i] (u null: act(g[i])) for n values; out may be g. `vector`: the AVX-512 SiLU (vector_math.h).
+inline void activate_into(Activation a, bool vector, const float* g, const float* u, float* out, int n) {
+#if defined(__x86_64__)
+  if (vector && a == Activation::kSilu) {
+    calm_cpu::silu_mul_avx512(g, u, out, n);
+    return;
+  }
+#endif
+  for (int i = 0; i < n; ++i) out[i] = u ? activate(g[i], a) * u[i] : activate(g[i], a);
+}
+
 // A weight matrix [out, in] (row-major, as nn.Linear stores it) and an optional bias [out].
 struct Linear {
   const float* weight = nullptr;
   const float* bias = nullptr;
   int out = 0, in = 0;
+  const calm_cpu::PackedLinear* packed = nullptr;  // the weight packed for the AVX-512 kernel, when the step packs
 };
 
 struct Norm {
@@ -86,6 +101,8 @@ struct GemmTask {
   bool accumulate = false;
   ArgmaxResult* best = nullptr;
   const ScreenTask* screen = nullptr;  // the screened vocabulary projection of ids n0..n1 instead (vocab_screen.h)
+  void (*job)(void*) = nullptr;        // or any other share of work: job(context)
+  void* context = nullptr;
 };
 
 // One thread's share of the screened vocabulary projection: x as bfloat16 with its rows' error bounds.
@@ -132,6 +149,10 @@ void run_argmax(Sgemm sgemm, const GemmTask& t) {
 }
 
 void run_gemm(Sgemm sgemm, const GemmTask& t) {
+  if (t.job != nullptr) {
+    t.job(t.context);
+    return;
+  }
   if (t.screen != nullptr) {
     const ScreenTask& s = *t.screen;
     calm_cpu::screen_range(*s.vocab, s.x, s.bound, t.rows, t.n0, t.n1, kVocabTile, *s.part);
@@ -141,9 +162,15 @@ void run_gemm(Sgemm sgemm, const GemmTask& t) {
     run_argmax(sgemm, t);
     return;
   }
+  const Linear& l = *t.l;
+  if (l.packed != nullptr) {  // n0 is a multiple of the packing width
+    const int g1 = (t.n1 + calm_cpu::kPackWidth - 1) / calm_cpu::kPackWidth;
+    calm_cpu::packed_linear(*l.packed, l.bias, t.in, l.in, t.rows, t.out, l.out, t.n0 / calm_cpu::kPackWidth, g1,
+                            t.accumulate);
+    return;
+  }
   // Column-major view: out^T [n, rows] (leading dimension l.out) = weight rows n0..n1 (stored as in x n
   // column-major, hence 'T') @ in^T.
-  const Linear& l = *t.l;
   const int n = t.n1 - t.n0;
   const float one = 1.0f, beta = t.accumulate ? 1.0f : 0.0f;
   sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(t.n0) * l.in, &l.in, t.in, &l.in, &beta,
@@ -232,8 +259,11 @@ class DecodeStep {
   // `arrays` keeps every buffer alive; `spec` names them (see cpu_step.CpuDecodeStep for the layout).
   // `vocab_screen` is None, or (address of cblas_gemm_bf16bf16f32, the projection's weight as bfloat16 bits
   // [vocab, in], its row norms [vocab] rounded up): then the vocabulary argmax goes through the screen.
+  // `avx512`: the AVX-512F kernels (the CPU must have it): every linear layer but the vocabulary projection on a
+  // packed copy of its weight (packed_linear.h), SiLU and the attention's exp vectorised (vector_math.h); else the
+  // sgemm and scalar loops.
   DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays,
-             py::object vocab_screen)
+             py::object vocab_screen, bool avx512)
       : sgemm_(reinterpret_cast<Sgemm>(sgemm)), set_threads_(reinterpret_cast<SetThreadsLocal>(set_threads_local)) {
     if (threads > 1) worker_ = std::make_unique<GemmWorker>(sgemm_, set_threads_);
     for (auto item : arrays) keep_.push_back(item.cast<FloatArray>());
@@ -268,6 +298,11 @@ class DecodeStep {
       ae_layers_.push_back({norm(l["norm"]), linear(l["gate_up"]), linear(l["down"])});
     }
     ae_norm_ = norm(spec["ae_norm"]), lm_head_ = linear(spec["lm_head"]);
+    if (avx512) {
+      if (!calm_cpu::avx512_supported()) throw std::invalid_argument("DecodeStep: avx512 needs a CPU with AVX-512F");
+      avx512_ = true;
+      pack_linears();
+    }
     if (!vocab_screen.is_none()) {
       auto t = vocab_screen.cast<py::tuple>();
       screen_bf16_ = t[1].cast<py::array_t<uint16_t, py::array::c_style>>();
@@ -282,6 +317,13 @@ class DecodeStep {
       if (!(screen_.max_row_norm < 1e30))
         throw std::invalid_argument("DecodeStep: vocab_screen needs finite projection rows of norm below 1e30");
     }
+  }
+
+  // Bytes of the packed weight copies (0 when the step does not pack).
+  int64_t packed_bytes() const {
+    int64_t total = 0;
+    for (const auto& p : packed_) total += static_cast<int64_t>(p->bytes());
+    return total;
   }
 
   // Rows of this step's vocabulary argmax that the screen could not settle (projected in full instead).
@@ -378,7 +420,7 @@ class DecodeStep {
       for (int j = 0; j < patch_; ++j)
         std::copy_n(embed_ + id[r * patch_ + j] * h, h, embedded.data() + (static_cast<size_t>(r) * patch_ + j) * h);
     gemm(compress0_, embedded.data(), rows, inner);
-    for (float& v : inner) v = activate(v, Activation::kSilu);
+    activate_into(Activation::kSilu, avx512_, inner.data(), nullptr, inner.data(), static_cast<int>(inner.size()));
     gemm(compress2_, inner.data(), rows, x);
     layer_norm(compress_norm_, x.data(), rows, h);
     backbone(x, rows, pos, slot);
@@ -412,6 +454,18 @@ class DecodeStep {
   const float* data(int index) const { return keep_.at(index).data(); }
   float* mutable_data(int index) { return keep_.at(index).mutable_data(); }
 
+  void pack_linears() {
+    std::vector<Linear*> all = {&compress0_, &compress2_, &hidden_embd_, &noise_embd_, &final0_, &final2_,
+                                &latent_to_hidden_, &expand_};
+    for (auto& l : layers_) all.insert(all.end(), {&l.qkv, &l.o, &l.gate_up, &l.down});
+    for (auto& b : blocks_) all.insert(all.end(), {&b.noise_half, &b.hidden_half, &b.second, &b.third, &b.down});
+    for (auto& l : ae_layers_) all.insert(all.end(), {&l.gate_up, &l.down});
+    for (Linear* l : all) {
+      packed_.push_back(std::make_unique<calm_cpu::PackedLinear>(l->weight, l->out, l->in));
+      l->packed = packed_.back().get();
+    }
+  }
+
   Linear linear(py::handle spec) {
     auto t = spec.cast<py::tuple>();  // (weight index, bias index or -1)
     Linear l;
@@ -440,14 +494,25 @@ class DecodeStep {
 
   void gemm_into(const Linear& l, const float* in, int rows, float* out, bool accumulate) {
     GemmTask task{&l, in, out, rows, 0, l.out, accumulate};
-    constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds the hand-over costs more than it saves
     if (!worker_ || static_cast<int64_t>(rows) * l.out * l.in < kSplitWork || l.out < 32) {
       run_gemm(sgemm_, task);
       return;
     }
     GemmTask other = task;
-    task.n1 = other.n0 = (l.out / 2) & ~15;  // split on a 16-column boundary
+    // the first half's groups of the packing width (also for the sgemm: any boundary is right for it)
+    const int groups = (l.out + calm_cpu::kPackWidth - 1) / calm_cpu::kPackWidth;
+    task.n1 = other.n0 = std::min(l.out, (groups + 1) / 2 * calm_cpu::kPackWidth);
     worker_->run_pair(task, other);
+  }
+
+  void exp_into(float* v, int n) const {
+#if defined(__x86_64__)
+    if (avx512_) {
+      calm_cpu::exp_inplace_avx512(v, n);
+      return;
+    }
+#endif
+    for (int i = 0; i < n; ++i) v[i] = std::exp(v[i]);
   }
 
   static void rms_norm(const Norm& n, const float* in, float* out, int rows, int size) {
@@ -484,19 +549,67 @@ class DecodeStep {
     gemm(gate_up, normed.data(), rows, gu);
     const int inner = gate_up.out / 2;
     mixed.resize(static_cast<size_t>(rows) * inner);
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < inner; ++c) {
-        const float* g = gu.data() + static_cast<size_t>(r) * gate_up.out;
-        mixed[static_cast<size_t>(r) * inner + c] = activate(g[c], act) * g[inner + c];
-      }
+    for (int r = 0; r < rows; ++r) {
+      const float* g = gu.data() + static_cast<size_t>(r) * gate_up.out;
+      activate_into(act, avx512_, g, g + inner, mixed.data() + static_cast<size_t>(r) * inner, inner);
+    }
     gemm_into(down, mixed.data(), rows, x.data(), true);
+  }
+
+  // Attention of rows b0..b1 of a layer over the cache (queries in qkv, output into attn); `scores` is the
+  // thread's buffer of `capacity` scores.
+  struct AttendJob {
+    const DecodeStep* step;
+    const Layer* layer;
+    const float* qkv;
+    const int64_t *pos, *slot;
+    float* attn;
+    int b0, b1;
+    std::vector<float>* scores;
+  };
+
+  static void attend_rows(void* context) {
+    const AttendJob& job = *static_cast<const AttendJob*>(context);
+    const DecodeStep& s = *job.step;
+    const int d = s.head_dim_, heads = s.heads_, group = s.heads_ / s.kv_heads_;
+    const int width = (s.heads_ + 2 * s.kv_heads_) * d;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    std::vector<float>& scores = *job.scores;
+    scores.resize(s.capacity_);
+    for (int b = job.b0; b < job.b1; ++b) {
+      const float* row = job.qkv + static_cast<size_t>(b) * width;
+      const int length = static_cast<int>(job.pos[b]) + 1;
+      for (int head = 0; head < heads; ++head) {
+        const float* q = row + head * d;
+        const size_t base = (static_cast<size_t>(job.slot[b]) * s.kv_heads_ + head / group) * s.capacity_ * d;
+        float top = -INFINITY;
+        for (int t = 0; t < length; ++t) {
+          const float* k = job.layer->keys + base + static_cast<size_t>(t) * d;
+          float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+          for (int c = 0; c < d; ++c) dot += q[c] * k[c];
+          scores[t] = dot * scale;
+          top = std::max(top, scores[t]);
+        }
+        for (int t = 0; t < length; ++t) scores[t] -= top;
+        s.exp_into(scores.data(), length);
+        float total = 0.0f;
+        for (int t = 0; t < length; ++t) total += scores[t];
+        float* o = job.attn + (static_cast<size_t>(b) * heads + head) * d;
+        std::fill_n(o, d, 0.0f);
+        for (int t = 0; t < length; ++t) {
+          const float* v = job.layer->values + base + static_cast<size_t>(t) * d;
+          const float p = scores[t] / total;
+          for (int c = 0; c < d; ++c) o[c] += p * v[c];
+        }
+      }
+    }
   }
 
   void backbone(std::vector<float>& x, int batch, const int64_t* pos, const int64_t* slot) {
     const int h = hidden_, d = head_dim_, half = d / 2, group = heads_ / kv_heads_;
     const int width = (heads_ + 2 * kv_heads_) * d;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    std::vector<float> normed(x.size()), qkv, attn(static_cast<size_t>(batch) * heads_ * d), scores(capacity_);
+    std::vector<float> normed(x.size()), qkv, attn(static_cast<size_t>(batch) * heads_ * d);
     std::vector<float> rotated(d);
     for (auto& layer : layers_) {
       rms_norm(layer.input_norm, x.data(), normed.data(), batch, h);
@@ -518,31 +631,21 @@ class DecodeStep {
       }
       // Every row's keys and values are in the cache before any row attends: in a prefill, a prompt's rows read
       // the positions of the same prompt written just above (causal attention, up to the row's own position).
-      for (int b = 0; b < batch; ++b) {
-        const float* row = qkv.data() + static_cast<size_t>(b) * width;
-        const int length = static_cast<int>(pos[b]) + 1;
-        for (int head = 0; head < heads_; ++head) {
-          const float* q = row + head * d;
-          const size_t base = (static_cast<size_t>(slot[b]) * kv_heads_ + head / group) * capacity_ * d;
-          float top = -INFINITY;
-          for (int t = 0; t < length; ++t) {
-            const float* k = layer.keys + base + static_cast<size_t>(t) * d;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int c = 0; c < d; ++c) dot += q[c] * k[c];
-            scores[t] = dot * scale;
-            top = std::max(top, scores[t]);
-          }
-          float total = 0.0f;
-          for (int t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - top));
-          float* o = attn.data() + (static_cast<size_t>(b) * heads_ + head) * d;
-          std::fill_n(o, d, 0.0f);
-          for (int t = 0; t < length; ++t) {
-            const float* v = layer.values + base + static_cast<size_t>(t) * d;
-            const float p = scores[t] / total;
-            for (int c = 0; c < d; ++c) o[c] += p * v[c];
-          }
-        }
+      // The rows are split between the two threads by their attention lengths.
+      AttendJob jobs[2] = {{this, &layer, qkv.data(), pos, slot, attn.data(), 0, batch, &scores_[0]},
+                           {this, &layer, qkv.data(), pos, slot, attn.data(), batch, batch, &scores_[1]}};
+      int64_t work = 0, done = 0;
+      for (int b = 0; b < batch; ++b) work += pos[b] + 1;
+      if (worker_ && work * heads_ * d >= kSplitWork) {
+        int split = 0;
+        while (split < batch && 2 * (done + pos[split] + 1) <= work) done += pos[split++] + 1;
+        jobs[0].b1 = jobs[1].b0 = split;
+        GemmTask mine, theirs;
+        mine.job = theirs.job = &DecodeStep::attend_rows;
+        mine.context = &jobs[0], theirs.context = &jobs[1];
+        worker_->run_pair(mine, theirs);
+      } else {
+        attend_rows(&jobs[0]);
       }
       gemm_into(layer.o, attn.data(), batch, x.data(), true);
       gated_mlp(layer.post_norm, layer.gate_up, layer.down, act_, x, batch, h);
@@ -562,21 +665,20 @@ class DecodeStep {
       layer_norm(block.in_ln, normed.data(), batch, c);
       y = row_part;
       gemm_into(block.noise_half, normed.data(), batch, y.data(), true);
-      for (float& v : y) v = activate(v, Activation::kSilu);
+      activate_into(Activation::kSilu, avx512_, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
       gemm(block.second, y.data(), batch, y2);
-      for (float& v : y2) v = activate(v, Activation::kSilu);
+      activate_into(Activation::kSilu, avx512_, y2.data(), nullptr, y2.data(), static_cast<int>(y2.size()));
       gemm(block.third, y2.data(), batch, gu);
       mixed.resize(static_cast<size_t>(batch) * c);
-      for (int r = 0; r < batch; ++r)
-        for (int j = 0; j < c; ++j) {
-          const float* g = gu.data() + static_cast<size_t>(r) * 2 * c;
-          mixed[static_cast<size_t>(r) * c + j] = activate(g[j], Activation::kSilu) * g[c + j];
-        }
+      for (int r = 0; r < batch; ++r) {
+        const float* g = gu.data() + static_cast<size_t>(r) * 2 * c;
+        activate_into(Activation::kSilu, avx512_, g, g + c, mixed.data() + static_cast<size_t>(r) * c, c);
+      }
       gemm_into(block.down, mixed.data(), batch, z.data(), true);
     }
     layer_norm(final_ln_, z.data(), batch, c);
     gemm(final0_, z.data(), batch, y);
-    for (float& v : y) v = activate(v, Activation::kSilu);
+    activate_into(Activation::kSilu, avx512_, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
     gemm(final2_, y.data(), batch, latent);
   }
 
@@ -653,7 +755,11 @@ class DecodeStep {
 
   Sgemm sgemm_;
   SetThreadsLocal set_threads_;
+  static constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds a hand-over costs more than it saves
   std::unique_ptr<GemmWorker> worker_;
+  bool avx512_ = false;
+  std::vector<float> scores_[2];  // attention scores of this thread and of the worker
+  std::vector<std::unique_ptr<calm_cpu::PackedLinear>> packed_;
   calm_cpu::VocabScreen screen_;  // gemm is null when the projection is not screened
   py::array_t<uint16_t, py::array::c_style> screen_bf16_;
   FloatArray screen_norm_;
@@ -723,15 +829,54 @@ py::tuple screened_vocab_argmax(std::uintptr_t gemm_bf16, FloatArray x, FloatArr
   return py::make_tuple(ids, fallback);
 }
 
+// For tests: y [R, out] of x [R, in] and W [out, in] (+ bias [out]) through the packed kernel, for the groups g0..g1
+// of kPackWidth outputs only; y is read (accumulate) and written in place, columns outside the groups untouched.
+void packed_linear_into(FloatArray x, FloatArray weight, std::optional<FloatArray> bias, py::array_t<float> y,
+                        bool accumulate, int g0, int g1) {
+  if (!calm_cpu::avx512_supported()) throw std::runtime_error("packed_linear_into: the CPU lacks AVX-512F");
+  if (x.ndim() != 2 || weight.ndim() != 2 || x.shape(1) != weight.shape(1) || y.ndim() != 2 ||
+      y.shape(0) != x.shape(0) || y.shape(1) != weight.shape(0) || !(y.flags() & py::array::c_style) ||
+      (bias && (bias->ndim() != 1 || bias->shape(0) != weight.shape(0))))
+    throw std::invalid_argument("packed_linear_into: expected x [R, in], weight [out, in], bias [out], y [R, out]");
+  calm_cpu::PackedLinear packed(weight.data(), static_cast<int>(weight.shape(0)), static_cast<int>(weight.shape(1)));
+  if (g0 < 0 || g1 > packed.groups() || g0 > g1) throw std::invalid_argument("packed_linear_into: group range");
+  calm_cpu::packed_linear(packed, bias ? bias->data() : nullptr, x.data(), packed.in(), static_cast<int>(x.shape(0)),
+                          y.mutable_data(), packed.out(), g0, g1, accumulate);
+}
+
+// For tests: exp, and silu(g) * u, through vector_math.h.
+py::array_t<float> vector_exp(FloatArray x) {
+  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_exp: the CPU lacks AVX-512F");
+  py::array_t<float> out(x.size());
+  std::copy_n(x.data(), x.size(), out.mutable_data());
+  calm_cpu::exp_inplace_avx512(out.mutable_data(), static_cast<int>(x.size()));
+  return out;
+}
+
+py::array_t<float> vector_silu_mul(FloatArray g, FloatArray u) {
+  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_silu_mul: the CPU lacks AVX-512F");
+  if (g.size() != u.size()) throw std::invalid_argument("vector_silu_mul: g and u differ in size");
+  py::array_t<float> out(g.size());
+  calm_cpu::silu_mul_avx512(g.data(), u.data(), out.mutable_data(), static_cast<int>(g.size()));
+  return out;
+}
+
 }  // namespace
 
 void register_decode_step(py::module_& m) {
+  m.def("packed_linear_into", &packed_linear_into, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
+        py::arg("accumulate"), py::arg("g0"), py::arg("g1"));
+  m.attr("PACK_WIDTH") = calm_cpu::kPackWidth;
+  m.def("vector_exp", &vector_exp, py::arg("x"));
+  m.def("vector_silu_mul", &vector_silu_mul, py::arg("g"), py::arg("u"));
+  m.def("avx512_supported", &calm_cpu::avx512_supported, "whether the CPU runs the AVX-512F kernels (packed_linear.h)");
   m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("gemm_bf16"), py::arg("x"), py::arg("weight"),
         py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"));
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list, py::object>(), py::arg("sgemm"),
+      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list, py::object, bool>(), py::arg("sgemm"),
            py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"),
-           py::arg("vocab_screen") = py::none())
+           py::arg("vocab_screen") = py::none(), py::arg("avx512") = false)
+      .def_property_readonly("packed_bytes", &DecodeStep::packed_bytes)
       .def_property_readonly("screen_fallback_rows", &DecodeStep::screen_fallback_rows)
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))
       .def("prefill", &DecodeStep::prefill, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("last"),

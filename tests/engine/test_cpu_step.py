@@ -19,6 +19,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# The step with and without its AVX-512 kernels (packed products, vectorised SiLU and exp), where the CPU has them.
+_calm_cpu = cpu_step.model_runner._calm_cpu
+AVX512 = [False] + ([True] if _calm_cpu is not None and _calm_cpu.avx512_supported() else [])
+
+
 def t1_batch(seeds: torch.Tensor, steps: torch.Tensor) -> SamplingBatch:
     """The SamplingBatch of rows at T = 1 (one head sample each), the only case the C++ step runs."""
     rows = len(seeds)
@@ -28,14 +33,15 @@ def t1_batch(seeds: torch.Tensor, steps: torch.Tensor) -> SamplingBatch:
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("avx512", AVX512)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_cpu_step_matches_the_torch_path(shape):
+def test_cpu_step_matches_the_torch_path(shape, avx512):
     model = context_sensitive_model(seed=len(shape) + 1, **SHAPES[shape])
     cache = SlotKVCache(model.config, 5, 12, model.device, model.dtype)
     runner = ModelRunner(model, cache)
     for tensor in cache.keys + cache.values:
         tensor.normal_()
-    step = cpu_step.CpuDecodeStep(runner)
+    step = cpu_step.CpuDecodeStep(runner, avx512=avx512)
     rows = 4
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
     positions, slots = torch.tensor([3, 0, 11, 6]), torch.tensor([4, 0, 2, 5])  # slot 5: the scratch slot
@@ -51,14 +57,15 @@ def test_cpu_step_matches_the_torch_path(shape):
         torch.testing.assert_close(tensor, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("avx512", AVX512)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_cpu_prefill_matches_the_torch_path(shape):
+def test_cpu_prefill_matches_the_torch_path(shape, avx512):
     """Prompts of different lengths prefilled as one C++ call: the same first chunks as ModelRunner.prefill followed
     by sample_patches, and the same keys and values at every prompt position."""
     model = context_sensitive_model(seed=len(shape) + 21, **SHAPES[shape])
     cache = SlotKVCache(model.config, 4, 9, model.device, model.dtype)
     runner = ModelRunner(model, cache)
-    step = cpu_step.CpuDecodeStep(runner)
+    step = cpu_step.CpuDecodeStep(runner, avx512=avx512)
     k, chunks, slots = model.config.patch_size, [5, 1, 9], [2, 0, 3]
     ids = torch.randint(0, model.config.vocab_size, (len(chunks), max(chunks) * k))
     seeds, steps = torch.tensor([11, 2**35, 4]), torch.tensor([0, 0, 2])
@@ -98,7 +105,7 @@ def test_engine_output_is_the_same_with_and_without_the_cpu_step():
     ]
 
 
-def _step_and_reference(model: CalmModel, rows: int = 6, screen_vocab: bool | None = None):
+def _step_and_reference(model: CalmModel, rows: int = 6, screen_vocab: bool | None = None, avx512: bool | None = None):
     """The C++ step's output for `rows` one-chunk prompts, the PyTorch path's, and the step."""
     cache = SlotKVCache(model.config, rows, 8, model.device, model.dtype)
     runner = ModelRunner(model, cache)
@@ -109,7 +116,7 @@ def _step_and_reference(model: CalmModel, rows: int = 6, screen_vocab: bool | No
     expected, _ = runner.sample_patches(hidden, t1_batch(seeds, steps))
     for tensor in cache.keys + cache.values:
         tensor.zero_()
-    step = cpu_step.CpuDecodeStep(runner, screen_vocab=screen_vocab)
+    step = cpu_step.CpuDecodeStep(runner, screen_vocab=screen_vocab, avx512=avx512)
     return step.run(ids, positions, slots, seeds, steps), expected, step
 
 
@@ -143,13 +150,14 @@ def test_cpu_step_argmax_ties_go_to_the_first_id():
         assert step.screen_fallback_rows == expected.numel()
 
 
-def test_cpu_step_on_one_thread():
+@pytest.mark.parametrize("avx512", AVX512)
+def test_cpu_step_on_one_thread(avx512):
     """No worker thread: every product whole, the vocabulary in one range of tiles."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = context_sensitive_model(seed=5, vocab_size=1500)
-        got, expected, _ = _step_and_reference(model)
+        got, expected, _ = _step_and_reference(model, avx512=avx512)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got, expected)
