@@ -38,13 +38,13 @@ from calm_engine.model.token_llama import TokenLlama
 from calm_engine.sampling_params import SamplingParams
 
 PROMPT_PADDING = ("right", "left")
-# Above this many rows the PyTorch path's threaded products beat the C++ step (small shape, 2 threads: 12.0 vs
-# 11.9 ms per step at 32 rows, 21.0 vs 17.6 at 64; 6.7 vs 7.6 at 16).
-CPU_STEP_MAX_BATCH = 16
-# Prefills of at most this many chunks in all run as the C++ step too. Its attention is one thread's loop, so longer
-# ones lose to the PyTorch path (first step, small shape, 2 threads: batch 1 x 8 chunks 1.75 vs 3.52 ms; 8 x 8
-# chunks 9.60 vs 9.70; 1 x 128 chunks 17.2 vs 12.5; 8 x 128 chunks 136 vs 72; benchmarks/RESULTS.md).
-CPU_PREFILL_MAX_CHUNKS = 32
+# Up to this many rows the C++ step beats the PyTorch path (small shape, 2 threads, generate of 64 tokens, the two
+# alternated: 2.17x at 16 rows, 1.66x at 32, 1.33x at 64; benchmarks/RESULTS.md). Larger batches were not measured.
+CPU_STEP_MAX_BATCH = 64
+# Prefills of at most this many chunks in all run as the C++ step too; above it the PyTorch path's threaded attention
+# and large products win (first step, small shape, 2 threads, C++ / PyTorch: 1 x 128 chunks 12.2 / 15.4 ms, 2 x 128
+# 23.7 / 24.8, 4 x 128 50.2 / 44.5, 8 x 128 94.6 / 67.4; benchmarks/prefill_ab.py).
+CPU_PREFILL_MAX_CHUNKS = 256
 
 
 class LLMEngine:
