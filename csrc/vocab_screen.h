@@ -22,7 +22,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace calm_cpu {
 
@@ -47,8 +52,115 @@ constexpr float kScreenTiny = 1e-30f;  // >= in * 2^-126 for any in below 2^70: 
 constexpr size_t kMaxCandidates = 64;  // a row with more falls back to the plain float32 projection
 constexpr int kScanBlock = 64;         // ids tested at once for candidates
 
+// Whether this CPU runs PackedBf16Projection's kernel (AVX512-BF16).
+inline bool bf16_kernel_supported() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// The projection's bfloat16 weight packed for the AVX512-BF16 screen kernel: groups of 32 ids, each stored as
+// [in / 2][32 ids][2] (a pair of inputs per 32-bit lane, as vdpbf16ps reads them), zero-padded past the vocabulary.
+//
+// Why: MKL's bfloat16 GEMM repacks the whole weight on every call, which at a few rows costs more than the products
+// (the small shape's projection took ~0.2 ms at 4 rows). Packed once, the kernel reads it as one stream.
+// Numerics: products of bfloat16 values are exact in float32 and vdpbf16ps sums them in float32 (flushing
+// subnormals to zero), so the screen's bound below holds as for any float32 summation order.
+class PackedBf16Projection {
+ public:
+  static constexpr int kGroup = 32;
+  PackedBf16Projection(const uint16_t* weight_bf16, int vocab, int in)
+      : vocab_(vocab), pairs_(in / 2), groups_((vocab + kGroup - 1) / kGroup) {
+    if (in % 2 != 0 || in < 2) throw std::invalid_argument("PackedBf16Projection: the width must be even");
+    data_.assign(static_cast<size_t>(groups_) * pairs_ * kGroup * 2 + 32, 0);  // + 64 bytes to align the start
+    uint16_t* d = aligned();
+    for (int g = 0; g < groups_; ++g)
+      for (int p = 0; p < pairs_; ++p)
+        for (int j = 0; j < kGroup; ++j) {
+          const int id = g * kGroup + j;
+          if (id >= vocab) continue;
+          uint16_t* lane = d + ((static_cast<size_t>(g) * pairs_ + p) * kGroup + j) * 2;
+          lane[0] = weight_bf16[static_cast<size_t>(id) * in + 2 * p];
+          lane[1] = weight_bf16[static_cast<size_t>(id) * in + 2 * p + 1];
+        }
+  }
+  int pairs() const { return pairs_; }
+  const uint16_t* group(int g) const { return aligned() + static_cast<size_t>(g) * pairs_ * kGroup * 2; }
+
+ private:
+  uint16_t* aligned() const {
+    const auto address = reinterpret_cast<uintptr_t>(data_.data());
+    return const_cast<uint16_t*>(data_.data()) + ((64 - address % 64) % 64) / 2;
+  }
+  int vocab_, pairs_, groups_;
+  std::vector<uint16_t> data_;
+};
+
+#if defined(__x86_64__)
+// scores [R, ldo] (columns 0..cols-1) of rows x (bfloat16 pairs, row stride ldx in uint16) against one group.
+template <int R>
+__attribute__((target("avx512f,avx512bf16"))) inline void bf16_group_scores(const uint16_t* w, int pairs,
+                                                                           const uint16_t* x, int ldx, float* out,
+                                                                           int ldo, int cols) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int p = 0; p < pairs; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + static_cast<size_t>(p + 16) * 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + static_cast<size_t>(p + 16) * 64 + 32), _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(w + static_cast<size_t>(p) * 64);
+    const __m512bh w1 = (__m512bh)_mm512_load_si512(w + static_cast<size_t>(p) * 64 + 32);
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, x + static_cast<size_t>(r) * ldx + 2 * p, sizeof pair);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+    }
+  }
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * ldo, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * ldo + 16, m1, acc[r][1]);
+  }
+}
+#endif
+
+// scores [rows, n] = x [rows, 2 pairs] (bfloat16) @ W[c0:c0+n]^T, c0 a multiple of the group.
+inline void packed_bf16_scores(const PackedBf16Projection& w, const uint16_t* x, int rows, int c0, int n,
+                               float* scores) {
+#if defined(__x86_64__)
+  const int ldx = 2 * w.pairs();
+  for (int c = 0; c < n; c += PackedBf16Projection::kGroup) {
+    const uint16_t* group = w.group((c0 + c) / PackedBf16Projection::kGroup);
+    const int cols = std::min(PackedBf16Projection::kGroup, n - c);
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+      const uint16_t* xr = x + static_cast<size_t>(r0) * ldx;
+      float* out = scores + static_cast<size_t>(r0) * n + c;
+      switch (std::min(8, rows - r0)) {
+        case 1: bf16_group_scores<1>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        case 2: bf16_group_scores<2>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        case 3: bf16_group_scores<3>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        case 4: bf16_group_scores<4>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        case 5: bf16_group_scores<5>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        case 6: bf16_group_scores<6>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        case 7: bf16_group_scores<7>(group, w.pairs(), xr, ldx, out, n, cols); break;
+        default: bf16_group_scores<8>(group, w.pairs(), xr, ldx, out, n, cols); break;
+      }
+    }
+  }
+#else
+  (void)w, (void)x, (void)rows, (void)c0, (void)n, (void)scores;
+  throw std::runtime_error("packed_bf16_scores: needs an x86-64 CPU with AVX512-BF16");
+#endif
+}
+
 // The projection's weight W [vocab, in] (float32, row-major), its bfloat16 copy and row norms |w_v| (rounded up).
+// The bfloat16 products go to `packed` where set, else to `gemm` over weight_bf16.
 struct VocabScreen {
+  const PackedBf16Projection* packed = nullptr;
   GemmBf16 gemm = nullptr;
   const float* weight = nullptr;
   const uint16_t* weight_bf16 = nullptr;
@@ -93,8 +205,11 @@ inline void screen_range(const VocabScreen& v, const uint16_t* x, const float* b
   part.scores.resize(static_cast<size_t>(rows) * tile);
   for (int c0 = n0; c0 < n1; c0 += tile) {
     const int n = std::min(tile, n1 - c0);
-    v.gemm(101, 111, 112, rows, n, v.in, 1.0f, x, v.in, v.weight_bf16 + static_cast<size_t>(c0) * v.in, v.in, 0.0f,
-           part.scores.data(), n);
+    if (v.packed != nullptr)
+      packed_bf16_scores(*v.packed, x, rows, c0, n, part.scores.data());
+    else
+      v.gemm(101, 111, 112, rows, n, v.in, 1.0f, x, v.in, v.weight_bf16 + static_cast<size_t>(c0) * v.in, v.in, 0.0f,
+             part.scores.data(), n);
     const float* norm = v.row_norm + c0;
     for (int r = 0; r < rows; ++r) {
       const float e = bound[r];

@@ -128,10 +128,11 @@ SCREEN = [False, pytest.param(True, marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("screen_vocab", SCREEN)
 @pytest.mark.parametrize("vocab_size", [1024, 2999])  # the vocabulary split in halves and 512-column tiles
-def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size, screen_vocab):
+@pytest.mark.parametrize("rows", [1, 8])  # with AVX512-BF16: the packed screen at K rows, MKL's GEMM at 8 K
+def test_cpu_step_argmax_over_a_large_vocabulary(vocab_size, screen_vocab, rows):
     torch.manual_seed(vocab_size)
     model = context_sensitive_model(seed=3, vocab_size=vocab_size)
-    got, expected, step = _step_and_reference(model, rows=8, screen_vocab=screen_vocab)
+    got, expected, step = _step_and_reference(model, rows=rows, screen_vocab=screen_vocab)
     assert torch.equal(got, expected)
     assert step.screen_vocab == screen_vocab
     assert step.screen_fallback_rows == 0  # with the screen: every row settled by it

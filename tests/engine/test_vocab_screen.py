@@ -15,9 +15,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def screened(x: torch.Tensor, weight: torch.Tensor, tile: int = 512) -> tuple[torch.Tensor, int]:
+# The screen's bfloat16 products from MKL's GEMM, and from the packed AVX512-BF16 kernel where the CPU has it.
+PACKED = [False] + ([True] if _calm_cpu is not None and _calm_cpu.bf16_kernel_supported() else [])
+
+
+def screened(x: torch.Tensor, weight: torch.Tensor, tile: int = 512, packed: bool = False) -> tuple[torch.Tensor, int]:
     bits, norms = cpu_step.bfloat16_bits(weight), cpu_step.projection_row_norms(weight).numpy()
-    ids, fallback = _calm_cpu.screened_vocab_argmax(BLAS.gemm_bf16, x.numpy(), weight.numpy(), bits, norms, tile)
+    args = (BLAS.gemm_bf16, x.numpy(), weight.numpy(), bits, norms, tile)
+    ids, fallback = _calm_cpu.screened_vocab_argmax(*args, packed=packed)
     return torch.from_numpy(ids), fallback
 
 
@@ -26,19 +31,24 @@ def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("rows", "vocab", "width", "tile"), [(1, 700, 24, 512), (7, 2999, 33, 512), (32, 8192, 128, 256)]
+    ("rows", "vocab", "width", "tile"),
+    [(1, 700, 24, 512), (7, 2999, 33, 512), (9, 2999, 34, 512), (32, 8192, 128, 256)],
 )
-def test_screen_matches_the_float32_argmax_on_random_inputs(rows, vocab, width, tile):
+@pytest.mark.parametrize("packed", PACKED)
+def test_screen_matches_the_float32_argmax_on_random_inputs(rows, vocab, width, tile, packed):
+    if packed and width % 2:
+        pytest.skip("the packed screen needs an even width (the step then keeps MKL's GEMM)")
     generator = torch.Generator().manual_seed(rows * vocab + width)
     # Rows of very different scales, so the bound has to scale with each row and each weight.
     x = torch.randn(rows, width, generator=generator) * torch.logspace(-3, 3, rows)[:, None]
     weight = torch.randn(vocab, width, generator=generator) * torch.rand(vocab, 1, generator=generator)
-    ids, fallback = screened(x, weight, tile)
+    ids, fallback = screened(x, weight, tile, packed)
     assert fallback == 0
     assert torch.equal(ids, reference(x, weight))
 
 
-def test_screen_separates_ids_that_bfloat16_cannot():
+@pytest.mark.parametrize("packed", PACKED)
+def test_screen_separates_ids_that_bfloat16_cannot(packed):
     """Twenty rows differ from one another by less than bfloat16 resolves: the screen keeps them all as candidates and
     the float32 recomputation picks the true maximum, where the bfloat16 logits alone often pick another."""
     generator = torch.Generator().manual_seed(11)
@@ -52,27 +62,29 @@ def test_screen_separates_ids_that_bfloat16_cannot():
     assert set(expected.tolist()) <= set(group.tolist())
     bfloat16_ids = (x.bfloat16().float() @ weight.bfloat16().float().T).argmax(-1)
     assert not torch.equal(bfloat16_ids, expected)  # the case is hard: bfloat16 alone gets it wrong
-    ids, fallback = screened(x, weight)
+    ids, fallback = screened(x, weight, packed=packed)
     assert fallback == 0
     assert torch.equal(ids, expected)
 
 
-def test_screen_leaves_rows_with_too_many_ties_to_the_full_projection():
+@pytest.mark.parametrize("packed", PACKED)
+def test_screen_leaves_rows_with_too_many_ties_to_the_full_projection(packed):
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(1, 40, generator=generator).expand(1000, 40).contiguous()  # every logit ties
     x = torch.randn(3, 40, generator=generator)
-    ids, fallback = screened(x, weight)
+    ids, fallback = screened(x, weight, packed=packed)
     assert fallback == 3
     assert torch.equal(ids, torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("packed", PACKED)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
-def test_screen_leaves_non_finite_or_huge_rows_to_the_full_projection(bad):
+def test_screen_leaves_non_finite_or_huge_rows_to_the_full_projection(bad, packed):
     generator = torch.Generator().manual_seed(6)
     x = torch.randn(4, 48, generator=generator)
     x[2, 7] = bad
     weight = torch.randn(900, 48, generator=generator)
-    ids, fallback = screened(x, weight)
+    ids, fallback = screened(x, weight, packed=packed)
     assert fallback == 1
     keep = torch.tensor([0, 1, 3])
     assert torch.equal(ids[keep], reference(x[keep], weight))
