@@ -640,7 +640,7 @@ class DecodeStep {
                            {this, &layer, qkv.data(), pos, slot, attn.data(), batch, batch, &scores_[1]}};
       int64_t work = 0, done = 0;
       for (int b = 0; b < batch; ++b) work += pos[b] + 1;
-      if (worker_ && work * heads_ * d >= kSplitWork) {
+      if (worker_ && work * heads_ * d >= kSplitAttention) {
         int split = 0;
         while (split < batch && 2 * (done + pos[split] + 1) <= work) done += pos[split++] + 1;
         jobs[0].b1 = jobs[1].b0 = split;
@@ -766,6 +766,7 @@ class DecodeStep {
   // of the step fell from 0.21 to 0.08 ms.
   static constexpr int kPackedScreenRows = 8;
   static constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds a hand-over costs more than it saves
+  static constexpr int64_t kSplitAttention = 1 << 13;  // the same for attention, whose scalar loops cost more per madd
   std::unique_ptr<GemmWorker> worker_;
   bool avx512_ = false;
   std::vector<float> scores_[2];  // attention scores of this thread and of the worker

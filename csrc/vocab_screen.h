@@ -196,6 +196,57 @@ struct ScreenPart {
 
 // The rows of x ([rows, in] as bfloat16, bound[r] = factor * |x_r|) against vocabulary ids n0..n1, `tile` ids per
 // bfloat16 product.
+#if defined(__x86_64__)
+// The scan's two loops with AVX-512 (the build targets plain x86-64, where they ran 4 floats at a time); the same
+// arithmetic in the same rounding steps: e * norm, + tiny, then the sum or difference.
+__attribute__((target("avx512f"))) inline float lower_bound_avx512(const float* s, const float* norm, float e, int n,
+                                                                  float lower) {
+  const __m512 ev = _mm512_set1_ps(e), tiny = _mm512_set1_ps(kScreenTiny);
+  __m512 best = _mm512_set1_ps(lower);
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 margin = _mm512_add_ps(_mm512_mul_ps(ev, _mm512_maskz_loadu_ps(m, norm + c)), tiny);
+    best = _mm512_mask_max_ps(best, m, best, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + c), margin));
+  }
+  return _mm512_reduce_max_ps(best);
+}
+
+__attribute__((target("avx512f"))) inline bool any_candidate_avx512(const float* s, const float* norm, float e, int n,
+                                                                   float lower) {
+  const __m512 ev = _mm512_set1_ps(e), tiny = _mm512_set1_ps(kScreenTiny), low = _mm512_set1_ps(lower);
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __m512 margin = _mm512_add_ps(_mm512_mul_ps(ev, _mm512_maskz_loadu_ps(m, norm + c)), tiny);
+    const __m512 upper = _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + c), margin);
+    if (_mm512_mask_cmp_ps_mask(m, upper, low, _CMP_GE_OQ)) return true;
+  }
+  return false;
+}
+#endif
+
+// max(lower, max_c s[c] - (e norm[c] + tiny)) over c < n.
+inline float tile_lower_bound(const float* s, const float* norm, float e, int n, float lower) {
+#if defined(__x86_64__)
+  static const bool vector = __builtin_cpu_supports("avx512f");
+  if (vector) return lower_bound_avx512(s, norm, e, n, lower);
+#endif
+#pragma omp simd reduction(max : lower)
+  for (int c = 0; c < n; ++c) lower = std::max(lower, s[c] - (e * norm[c] + kScreenTiny));
+  return lower;
+}
+
+// Whether any c < n has s[c] + (e norm[c] + tiny) >= lower.
+inline bool any_candidate(const float* s, const float* norm, float e, int n, float lower) {
+#if defined(__x86_64__)
+  static const bool vector = __builtin_cpu_supports("avx512f");
+  if (vector) return any_candidate_avx512(s, norm, e, n, lower);
+#endif
+  int any = 0;
+#pragma omp simd reduction(| : any)
+  for (int c = 0; c < n; ++c) any |= s[c] + (e * norm[c] + kScreenTiny) >= lower;
+  return any != 0;
+}
+
 inline void screen_range(const VocabScreen& v, const uint16_t* x, const float* bound, int rows, int n0, int n1,
                          int tile, ScreenPart& part) {
   part.lower.assign(rows, -INFINITY);
@@ -215,17 +266,12 @@ inline void screen_range(const VocabScreen& v, const uint16_t* x, const float* b
       const float e = bound[r];
       if (part.overflow[r] || std::isnan(e)) continue;  // NaN: a row prepare_rows left to the caller
       const float* s = part.scores.data() + static_cast<size_t>(r) * n;
-      float lower = part.lower[r];
-#pragma omp simd reduction(max : lower)
-      for (int c = 0; c < n; ++c) lower = std::max(lower, s[c] - (e * norm[c] + kScreenTiny));
-      part.lower[r] = lower;
+      const float lower = part.lower[r] = tile_lower_bound(s, norm, e, n, part.lower[r]);
       auto& list = part.candidates[r];
       for (int b0 = 0; b0 < n && !part.overflow[r]; b0 += kScanBlock) {
         const int b1 = std::min(n, b0 + kScanBlock);
-        int any = 0;  // almost every block has no candidate: test the block vectorised first
-#pragma omp simd reduction(| : any)
-        for (int c = b0; c < b1; ++c) any |= s[c] + (e * norm[c] + kScreenTiny) >= lower;
-        if (!any) continue;
+        // almost every block has no candidate: test the block vectorised first
+        if (!any_candidate(s + b0, norm + b0, e, b1 - b0, lower)) continue;
         for (int c = b0; c < b1; ++c) {
           const float upper = s[c] + (e * norm[c] + kScreenTiny);
           if (upper < lower) continue;
