@@ -319,6 +319,7 @@ class DecodeStep {
       if (avx512_ && calm_cpu::bf16_kernel_supported() && lm_head_.in % 2 == 0) {
         // At few rows the screen's products run from a packed copy: MKL's GEMM repacks the weight on every call.
         packed_bf16_ = std::make_unique<calm_cpu::PackedBf16Projection>(screen_.weight_bf16, screen_.vocab, screen_.in);
+        screen_.amx = calm_cpu::amx_supported() && screen_.in % 32 == 0;
       }
     }
   }
@@ -728,7 +729,7 @@ class DecodeStep {
   // products at the same row count, so such rows get the same argmax as the unscreened step.
   void screened_argmax(const float* x, int rows, int64_t* out) {
     const int a = lm_head_.in;
-    screen_.packed = rows <= kPackedScreenRows ? packed_bf16_.get() : nullptr;
+    screen_.packed = screen_.amx || rows <= kPackedScreenRows ? packed_bf16_.get() : nullptr;
     calm_cpu::prepare_rows(screen_, x, rows, screen_x_, screen_bound_, screen_usable_);
     ScreenTask shares[2];
     for (int p = 0; p < 2; ++p) shares[p] = {&screen_, screen_x_.data(), screen_bound_.data(), &screen_parts_[p]};
@@ -805,7 +806,7 @@ class DecodeStep {
 // leaves open is reduced here with a plain float32 loop (first maximum).
 py::tuple screened_vocab_argmax(std::uintptr_t gemm_bf16, FloatArray x, FloatArray weight,
                                 py::array_t<uint16_t, py::array::c_style> weight_bf16, FloatArray row_norm, int tile,
-                                bool packed) {
+                                bool packed, bool amx) {
   if (x.ndim() != 2 || weight.ndim() != 2 || x.shape(1) != weight.shape(1) || weight_bf16.ndim() != 2 ||
       weight_bf16.shape(0) != weight.shape(0) || weight_bf16.shape(1) != weight.shape(1) || row_norm.ndim() != 1 ||
       row_norm.shape(0) != weight.shape(0) || tile < 1)
@@ -823,6 +824,11 @@ py::tuple screened_vocab_argmax(std::uintptr_t gemm_bf16, FloatArray x, FloatArr
       throw std::invalid_argument("screened_vocab_argmax: a packed screen needs tiles of whole groups");
     packed_weight = std::make_unique<calm_cpu::PackedBf16Projection>(v.weight_bf16, v.vocab, v.in);
     v.packed = packed_weight.get();
+  }
+  if (amx) {
+    if (!packed || !calm_cpu::amx_supported() || v.in % 32 != 0)
+      throw std::invalid_argument("screened_vocab_argmax: amx needs packed, an AMX CPU and a width of whole 32s");
+    v.amx = true;
   }
   const int rows = static_cast<int>(x.shape(0));
   std::vector<uint16_t> x_bf16;
@@ -892,7 +898,9 @@ void register_decode_step(py::module_& m) {
   m.def("vector_silu_mul", &vector_silu_mul, py::arg("g"), py::arg("u"));
   m.def("avx512_supported", &calm_cpu::avx512_supported, "whether the CPU runs the AVX-512F kernels (packed_linear.h)");
   m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("gemm_bf16"), py::arg("x"), py::arg("weight"),
-        py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"), py::arg("packed") = false);
+        py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"), py::arg("packed") = false,
+        py::arg("amx") = false);
+  m.def("amx_supported", &calm_cpu::amx_supported, "whether the CPU and kernel run AMX bfloat16 tiles");
   m.def("bf16_kernel_supported", &calm_cpu::bf16_kernel_supported, "whether the CPU runs the AVX512-BF16 screen kernel");
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list, py::object, bool>(), py::arg("sgemm"),

@@ -26,7 +26,10 @@
 #include <vector>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace calm_cpu {
@@ -128,6 +131,75 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_group_scores(cons
 }
 #endif
 
+// Whether this CPU and kernel run AMX bfloat16 tiles (cpuid, then Linux's per-process permission for tile data,
+// requested once; GCC 12's __builtin_cpu_supports does not report AMX).
+inline bool amx_supported() {
+#if defined(__x86_64__) && defined(__linux__)
+  static const bool supported = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__)
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// scores [rows16, ld] = x [rows16, in] (bfloat16, rows16 a multiple of 16, in of 32) @ W[c0:c0+n]^T with AMX: tiles
+// 0-3 sum a 32 x 32 block of scores, 4-5 hold 16 rows x 32 inputs of x, 6-7 the packed weight of 32 inputs x 16 ids.
+// Writes whole groups of 32 columns (ld >= n rounded up to 32).
+__attribute__((target("amx-tile,amx-bf16"))) inline void amx_scores(const PackedBf16Projection& w, const uint16_t* x,
+                                                                   int rows16, int in, int c0, int n, float* scores,
+                                                                   int ld) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  const int stride_x = in * 2, stride_w = PackedBf16Projection::kGroup * 4, stride_s = ld * 4;
+  for (int c = 0; c < n; c += PackedBf16Projection::kGroup) {
+    const uint16_t* group = w.group((c0 + c) / PackedBf16Projection::kGroup);
+    for (int r0 = 0; r0 < rows16; r0 += 32) {
+      const bool two = rows16 - r0 >= 32;
+      const uint16_t* xr = x + static_cast<size_t>(r0) * in;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int k = 0; k < in; k += 32) {  // 16 pairs of inputs per step
+        const uint16_t* wk = group + static_cast<size_t>(k / 2) * PackedBf16Projection::kGroup * 2;
+        _tile_loadd(4, xr + k, stride_x);
+        _tile_loadd(6, wk, stride_w);
+        _tile_loadd(7, wk + 32, stride_w);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, xr + static_cast<size_t>(16) * in + k, stride_x);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      float* out = scores + static_cast<size_t>(r0) * ld + c;
+      _tile_stored(0, out, stride_s);
+      _tile_stored(1, out + 16, stride_s);
+      if (two) {
+        _tile_stored(2, out + static_cast<size_t>(16) * ld, stride_s);
+        _tile_stored(3, out + static_cast<size_t>(16) * ld + 16, stride_s);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
 // scores [rows, n] = x [rows, 2 pairs] (bfloat16) @ W[c0:c0+n]^T, c0 a multiple of the group.
 inline void packed_bf16_scores(const PackedBf16Projection& w, const uint16_t* x, int rows, int c0, int n,
                                float* scores) {
@@ -161,6 +233,7 @@ inline void packed_bf16_scores(const PackedBf16Projection& w, const uint16_t* x,
 // The bfloat16 products go to `packed` where set, else to `gemm` over weight_bf16.
 struct VocabScreen {
   const PackedBf16Projection* packed = nullptr;
+  bool amx = false;  // the packed products on AMX tiles (x then holds its rows padded to a multiple of 16)
   GemmBf16 gemm = nullptr;
   const float* weight = nullptr;
   const uint16_t* weight_bf16 = nullptr;
@@ -253,19 +326,29 @@ inline void screen_range(const VocabScreen& v, const uint16_t* x, const float* b
   part.candidates.resize(rows);
   for (auto& list : part.candidates) list.clear();
   part.overflow.assign(rows, 0);
-  part.scores.resize(static_cast<size_t>(rows) * tile);
+  const int group = PackedBf16Projection::kGroup;
+  const int rows16 = (rows + 15) / 16 * 16, ld_amx = (tile + group - 1) / group * group;
+  part.scores.resize(static_cast<size_t>(rows16) * ld_amx);
   for (int c0 = n0; c0 < n1; c0 += tile) {
     const int n = std::min(tile, n1 - c0);
-    if (v.packed != nullptr)
+    int ld = n;  // the scores' row stride
+#if defined(__x86_64__)
+    if (v.packed != nullptr && v.amx) {
+      ld = ld_amx;
+      amx_scores(*v.packed, x, rows16, v.in, c0, n, part.scores.data(), ld);
+    } else
+#endif
+    if (v.packed != nullptr) {
       packed_bf16_scores(*v.packed, x, rows, c0, n, part.scores.data());
-    else
+    } else {
       v.gemm(101, 111, 112, rows, n, v.in, 1.0f, x, v.in, v.weight_bf16 + static_cast<size_t>(c0) * v.in, v.in, 0.0f,
              part.scores.data(), n);
+    }
     const float* norm = v.row_norm + c0;
     for (int r = 0; r < rows; ++r) {
       const float e = bound[r];
       if (part.overflow[r] || std::isnan(e)) continue;  // NaN: a row prepare_rows left to the caller
-      const float* s = part.scores.data() + static_cast<size_t>(r) * n;
+      const float* s = part.scores.data() + static_cast<size_t>(r) * ld;
       const float lower = part.lower[r] = tile_lower_bound(s, norm, e, n, part.lower[r]);
       auto& list = part.candidates[r];
       for (int b0 = 0; b0 < n && !part.overflow[r]; b0 += kScanBlock) {
@@ -319,7 +402,7 @@ inline void prepare_rows(const VocabScreen& v, const float* x, int rows, std::ve
                          std::vector<float>& bound, std::vector<char>& usable) {
   const int in = v.in;
   const float factor = screen_error_factor(in);
-  x_bf16.resize(static_cast<size_t>(rows) * in);
+  x_bf16.assign(static_cast<size_t>((rows + 15) / 16 * 16) * in, 0);  // rows padded to whole AMX tiles
   bound.resize(rows);
   usable.assign(rows, 1);
   for (int r = 0; r < rows; ++r) {

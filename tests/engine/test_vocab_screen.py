@@ -15,14 +15,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# The screen's bfloat16 products from MKL's GEMM, and from the packed AVX512-BF16 kernel where the CPU has it.
-PACKED = [False] + ([True] if _calm_cpu is not None and _calm_cpu.bf16_kernel_supported() else [])
+# The screen's bfloat16 products from MKL's GEMM, and from the packed copy with the AVX512-BF16 kernel and on AMX
+# tiles, where the CPU has them.
+PACKED = [False]
+if _calm_cpu is not None and _calm_cpu.bf16_kernel_supported():
+    PACKED.append(True)
+    if _calm_cpu.amx_supported():
+        PACKED.append("amx")
 
 
-def screened(x: torch.Tensor, weight: torch.Tensor, tile: int = 512, packed: bool = False) -> tuple[torch.Tensor, int]:
+def screened(x: torch.Tensor, weight: torch.Tensor, tile: int = 512, packed=False) -> tuple[torch.Tensor, int]:
     bits, norms = cpu_step.bfloat16_bits(weight), cpu_step.projection_row_norms(weight).numpy()
     args = (BLAS.gemm_bf16, x.numpy(), weight.numpy(), bits, norms, tile)
-    ids, fallback = _calm_cpu.screened_vocab_argmax(*args, packed=packed)
+    ids, fallback = _calm_cpu.screened_vocab_argmax(*args, packed=bool(packed), amx=packed == "amx")
     return torch.from_numpy(ids), fallback
 
 
@@ -32,12 +37,12 @@ def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("rows", "vocab", "width", "tile"),
-    [(1, 700, 24, 512), (7, 2999, 33, 512), (9, 2999, 34, 512), (32, 8192, 128, 256)],
+    [(1, 700, 32, 512), (7, 2999, 33, 512), (9, 2999, 34, 512), (17, 3001, 64, 512), (32, 8192, 128, 256)],
 )
 @pytest.mark.parametrize("packed", PACKED)
 def test_screen_matches_the_float32_argmax_on_random_inputs(rows, vocab, width, tile, packed):
-    if packed and width % 2:
-        pytest.skip("the packed screen needs an even width (the step then keeps MKL's GEMM)")
+    if packed and width % (32 if packed == "amx" else 2):
+        pytest.skip("the packed screen needs an even width, AMX a multiple of 32 (the step then keeps MKL's GEMM)")
     generator = torch.Generator().manual_seed(rows * vocab + width)
     # Rows of very different scales, so the bound has to scale with each row and each weight.
     x = torch.randn(rows, width, generator=generator) * torch.logspace(-3, 3, rows)[:, None]
@@ -52,7 +57,7 @@ def test_screen_separates_ids_that_bfloat16_cannot(packed):
     """Twenty rows differ from one another by less than bfloat16 resolves: the screen keeps them all as candidates and
     the float32 recomputation picks the true maximum, where the bfloat16 logits alone often pick another."""
     generator = torch.Generator().manual_seed(11)
-    rows, vocab, width = 16, 1500, 64
+    rows, vocab, width = 16, 1500, 64  # width: whole AMX tiles
     direction = torch.randn(width, generator=generator)
     x = direction + 0.05 * torch.randn(rows, width, generator=generator)
     weight = 0.3 * torch.randn(vocab, width, generator=generator)
@@ -70,8 +75,8 @@ def test_screen_separates_ids_that_bfloat16_cannot(packed):
 @pytest.mark.parametrize("packed", PACKED)
 def test_screen_leaves_rows_with_too_many_ties_to_the_full_projection(packed):
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(1, 40, generator=generator).expand(1000, 40).contiguous()  # every logit ties
-    x = torch.randn(3, 40, generator=generator)
+    weight = torch.randn(1, 64, generator=generator).expand(1000, 64).contiguous()  # every logit ties
+    x = torch.randn(3, 64, generator=generator)
     ids, fallback = screened(x, weight, packed=packed)
     assert fallback == 3
     assert torch.equal(ids, torch.zeros(3, dtype=torch.long))
@@ -81,9 +86,9 @@ def test_screen_leaves_rows_with_too_many_ties_to_the_full_projection(packed):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
 def test_screen_leaves_non_finite_or_huge_rows_to_the_full_projection(bad, packed):
     generator = torch.Generator().manual_seed(6)
-    x = torch.randn(4, 48, generator=generator)
+    x = torch.randn(4, 64, generator=generator)
     x[2, 7] = bad
-    weight = torch.randn(900, 48, generator=generator)
+    weight = torch.randn(900, 64, generator=generator)
     ids, fallback = screened(x, weight, packed=packed)
     assert fallback == 1
     keep = torch.tensor([0, 1, 3])
