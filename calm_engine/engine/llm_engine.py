@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from calm_engine.engine.cpu_step import CpuDecodeStep
@@ -143,25 +144,28 @@ class LLMEngine:
         if not running and not admitted:
             return []
         cpu = self.model.device.type == "cpu"  # host syncs cost nothing there: the exact sampler may stop early
-        results = []
+        results = []  # (patches [B, K], exact-sampler fallbacks [B] or None where there is no such sampler)
         if admitted and self._use_cpu_prefill(admitted):
             self.stats["prefill_rows"] += len(admitted)
             keys = torch.tensor([[r.seed, r.chunks_done] for r in admitted])  # the noise's (seed, step)
             prompts, slots = [r.fed_prompt for r in admitted], [r.slot for r in admitted]
-            patches = self.cpu_step.prefill(prompts, slots, keys[:, 0], keys[:, 1])
-            results.append((patches, torch.zeros(len(admitted), dtype=torch.bool)))
+            results.append((self.cpu_step.prefill(prompts, slots, keys[:, 0], keys[:, 1]), None))
         elif admitted:
             hidden = self._prefill(admitted)
             results.append(self.runner.sample_patches(hidden, self._sampling_batch(admitted), allow_sync=cpu))
         if running:
             results.append(self._decode(running, cpu))
         rows = admitted + running
-        patches = torch.cat([p for p, _ in results])
-        fell_back = torch.cat([f for _, f in results])
-        host = torch.cat([patches, fell_back[:, None].to(patches.dtype)], dim=1).tolist()  # the step's one copy
+        patches = torch.cat([p for p, _ in results]) if len(results) > 1 else results[0][0]
         self.stats["steps"] += 1
-        self.stats["exact_fallbacks"] += sum(row[-1] for row in host)
-        return [self._advance(request, row[:-1]) for request, row in zip(rows, host, strict=True)]
+        if all(f is None for _, f in results):
+            host = patches.tolist()
+        else:
+            flags = [torch.zeros(len(p), dtype=torch.bool, device=p.device) if f is None else f for p, f in results]
+            fell_back = torch.cat(flags)
+            host = torch.cat([patches, fell_back[:, None].to(patches.dtype)], dim=1).tolist()  # the step's one copy
+            self.stats["exact_fallbacks"] += sum(row.pop() for row in host)
+        return [self._advance(request, row) for request, row in zip(rows, host, strict=True)]
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -204,15 +208,13 @@ class LLMEngine:
         self.stats["prefill_rows"] += len(requests)
         return self.runner.prefill(ids, lengths, slots)
 
-    def _decode(self, requests: list[Request], cpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, requests: list[Request], cpu: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode the running requests' last chunks and sample their next ones (through a CUDA graph if any)."""
         self.stats["decode_rows"] += len(requests)
         if self._use_cpu_step(requests):  # the C++ step needs only the noise keys, not a whole SamplingBatch
-            k = self.patch_size  # one tensor for all the step's inputs: a step at batch 8 lasts ~2 ms
-            rows = torch.tensor([[*r.last_chunk, r.next_position, r.slot, r.seed, r.chunks_done] for r in requests])
-            positions, slots, seeds, steps = rows[:, k:].unbind(1)
-            patches = self.cpu_step.run(rows[:, :k], positions, slots, seeds, steps)
-            return patches, torch.zeros(len(requests), dtype=torch.bool)
+            k = self.patch_size  # one numpy array for all the step's inputs: a step at batch 1 lasts ~0.7 ms
+            rows = np.array([[*r.last_chunk, r.next_position, r.slot, r.seed, r.chunks_done] for r in requests])
+            return self.cpu_step.run(rows[:, :k], rows[:, k], rows[:, k + 1], rows[:, k + 2], rows[:, k + 3]), None
         device = self.model.device
         ids = torch.tensor([r.last_chunk for r in requests], device=device)
         positions_list = [r.next_position for r in requests]
