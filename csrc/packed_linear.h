@@ -28,9 +28,11 @@ namespace calm_cpu {
 
 constexpr int kPackWidth = 32;    // outputs per group: two 16-float AVX-512 registers
 constexpr int kPackRowBlock = 8;  // input rows per register tile: 16 accumulators, the weights and a broadcast
-// Inputs ahead whose weights are prefetched: 2 KB, about the distance that kept one core's stream at its ~22 GB/s
-// (16 of 4, 8, 16, 32, 64 tried; 1.0 ms against 1.2 ms without, for the small shape's step at 8 rows).
-constexpr int kPackPrefetch = 16;
+// Inputs ahead whose weights are prefetched. At 8 rows 16 (2 KB), about the distance that kept one core's stream at
+// its ~22 GB/s (4, 8, 16, 32, 64 tried; 1.0 ms against 1.2 ms without, for the small shape's step). At 1-2 rows an
+// input takes a quarter of the time, so 64 (8 KB): CALM-M's batch-1 step, whose 0.8 GB of weights come from DRAM,
+// went from 0.96x to 1.04-1.05x the sgemm step's speed (benchmarks/cpu_step_ab.py).
+constexpr int pack_prefetch(int rows) { return rows <= 2 ? 64 : 16; }
 
 // Whether this CPU runs the AVX-512F kernels (here and in vector_math.h); elsewhere the caller keeps the sgemm.
 inline bool avx512_supported() {
@@ -83,7 +85,7 @@ __attribute__((target("avx512f"))) inline void packed_tile(const float* w, int i
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int k = 0; k < in; ++k) {
     // Past the end of the weights this reads nothing: a prefetch never faults.
-    const char* ahead = reinterpret_cast<const char*>(w + static_cast<size_t>(k + kPackPrefetch) * kPackWidth);
+    const char* ahead = reinterpret_cast<const char*>(w + static_cast<size_t>(k + pack_prefetch(R)) * kPackWidth);
     _mm_prefetch(ahead, _MM_HINT_T0);
     _mm_prefetch(ahead + 64, _MM_HINT_T0);
     const __m512 w0 = _mm512_load_ps(w + static_cast<size_t>(k) * kPackWidth);
