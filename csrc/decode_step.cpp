@@ -260,8 +260,8 @@ class DecodeStep {
   // `vocab_screen` is None, or (address of cblas_gemm_bf16bf16f32, the projection's weight as bfloat16 bits
   // [vocab, in], its row norms [vocab] rounded up): then the vocabulary argmax goes through the screen.
   // `avx512`: the AVX-512F kernels (the CPU must have it): every linear layer but the vocabulary projection on a
-  // packed copy of its weight (packed_linear.h), SiLU and the attention's exp vectorised (vector_math.h); else the
-  // sgemm and scalar loops.
+  // packed copy of its weight (packed_linear.h), SiLU and the attention's dot products, exp and sums vectorised
+  // (vector_math.h); else the sgemm and 4-wide loops.
   DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays,
              py::object vocab_screen, bool avx512)
       : sgemm_(reinterpret_cast<Sgemm>(sgemm)), set_threads_(reinterpret_cast<SetThreadsLocal>(set_threads_local)) {
@@ -510,6 +510,26 @@ class DecodeStep {
     worker_->run_pair(task, other);
   }
 
+  float dot(const float* a, const float* b, int n) const {
+#if defined(__x86_64__)
+    if (avx512_) return calm_cpu::dot_avx512(a, b, n);
+#endif
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+  }
+
+  void axpy(float p, const float* x, float* y, int n) const {
+#if defined(__x86_64__)
+    if (avx512_) {
+      calm_cpu::axpy_avx512(p, x, y, n);
+      return;
+    }
+#endif
+    for (int i = 0; i < n; ++i) y[i] += p * x[i];
+  }
+
   void exp_into(float* v, int n) const {
 #if defined(__x86_64__)
     if (avx512_) {
@@ -590,10 +610,7 @@ class DecodeStep {
         float top = -INFINITY;
         for (int t = 0; t < length; ++t) {
           const float* k = job.layer->keys + base + static_cast<size_t>(t) * d;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int c = 0; c < d; ++c) dot += q[c] * k[c];
-          scores[t] = dot * scale;
+          scores[t] = s.dot(q, k, d) * scale;
           top = std::max(top, scores[t]);
         }
         for (int t = 0; t < length; ++t) scores[t] -= top;
@@ -602,11 +619,7 @@ class DecodeStep {
         for (int t = 0; t < length; ++t) total += scores[t];
         float* o = job.attn + (static_cast<size_t>(b) * heads + head) * d;
         std::fill_n(o, d, 0.0f);
-        for (int t = 0; t < length; ++t) {
-          const float* v = job.layer->values + base + static_cast<size_t>(t) * d;
-          const float p = scores[t] / total;
-          for (int c = 0; c < d; ++c) o[c] += p * v[c];
-        }
+        for (int t = 0; t < length; ++t) s.axpy(scores[t] / total, job.layer->values + base + static_cast<size_t>(t) * d, o, d);
       }
     }
   }
@@ -872,12 +885,28 @@ void packed_linear_into(FloatArray x, FloatArray weight, std::optional<FloatArra
                           y.mutable_data(), packed.out(), g0, g1, accumulate);
 }
 
-// For tests: exp, and silu(g) * u, through vector_math.h.
+// For tests: exp, dot products, axpy and silu(g) * u, through vector_math.h.
 py::array_t<float> vector_exp(FloatArray x) {
   if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_exp: the CPU lacks AVX-512F");
   py::array_t<float> out(x.size());
   std::copy_n(x.data(), x.size(), out.mutable_data());
   calm_cpu::exp_inplace_avx512(out.mutable_data(), static_cast<int>(x.size()));
+  return out;
+}
+
+float vector_dot(FloatArray a, FloatArray b) {
+  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_dot: the CPU lacks AVX-512F");
+  if (a.size() != b.size()) throw std::invalid_argument("vector_dot: a and b differ in size");
+  return calm_cpu::dot_avx512(a.data(), b.data(), static_cast<int>(a.size()));
+}
+
+// y + p x, through vector_math.h's axpy.
+py::array_t<float> vector_axpy(float p, FloatArray x, FloatArray y) {
+  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_axpy: the CPU lacks AVX-512F");
+  if (x.size() != y.size()) throw std::invalid_argument("vector_axpy: x and y differ in size");
+  py::array_t<float> out(y.size());
+  std::copy_n(y.data(), y.size(), out.mutable_data());
+  calm_cpu::axpy_avx512(p, x.data(), out.mutable_data(), static_cast<int>(x.size()));
   return out;
 }
 
@@ -897,6 +926,8 @@ void register_decode_step(py::module_& m) {
   m.attr("PACK_WIDTH") = calm_cpu::kPackWidth;
   m.def("vector_exp", &vector_exp, py::arg("x"));
   m.def("vector_silu_mul", &vector_silu_mul, py::arg("g"), py::arg("u"));
+  m.def("vector_dot", &vector_dot, py::arg("a"), py::arg("b"));
+  m.def("vector_axpy", &vector_axpy, py::arg("p"), py::arg("x"), py::arg("y"));
   m.def("avx512_supported", &calm_cpu::avx512_supported, "whether the CPU runs the AVX-512F kernels (packed_linear.h)");
   m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("gemm_bf16"), py::arg("x"), py::arg("weight"),
         py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"), py::arg("packed") = false,

@@ -84,3 +84,14 @@ def test_vector_silu_mul_matches_torch(n):
     gate, up = torch.randn(n, generator=g) * 6, torch.randn(n, generator=g)
     got = torch.from_numpy(_calm_cpu.vector_silu_mul(gate.numpy(), up.numpy()))
     torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=3e-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64, 129])
+def test_vector_dot_and_axpy_match_float64(n):
+    g = torch.Generator().manual_seed(100 + n)
+    a, b, y = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    exact = float(a.double() @ b.double())
+    bound = (n + 1) * 2**-24 * float(a.double().abs() @ b.double().abs())
+    assert abs(_calm_cpu.vector_dot(a.numpy(), b.numpy()) - exact) <= bound
+    got = torch.from_numpy(_calm_cpu.vector_axpy(0.37, a.numpy(), y.numpy()))
+    torch.testing.assert_close(got, (y.double() + 0.37 * a.double()).float(), rtol=2e-7, atol=1e-7)
