@@ -11,7 +11,8 @@ ratios from one run are meaningful on CPU.
 The floor (--floor) is the same matrix products as one decode step of the engine (backbone, compression, head, the
 autoencoder decoder and its vocabulary projection, at the step's row counts), timed alone with the model's weights.
 Where the step screens the vocabulary in bfloat16 (csrc/vocab_screen.h), the floor's projection is the bfloat16
-product too.
+product too. The floor runs torch's own kernels (`F.linear`); the C++ step's packed products (csrc/packed_linear.h)
+can be faster than that, so step / floor can fall below 1.
 """
 
 from __future__ import annotations
