@@ -1,9 +1,11 @@
-// DecodeStep: one whole CALM decode step at T = 1 on the CPU in float32, for small batches.
+// DecodeStep: one whole CALM decode step (or prefill) at T = 1 on the CPU in float32, for batches up to 64 rows.
 //
 // Why: at batch 1-8 a step of a small model is ~120 eager PyTorch operations of a few microseconds each, about as
-// much time as its matrix products (measured in benchmarks/RESULTS.md). Here the step is one call: the matrix
-// products go to the sgemm of the BLAS that torch itself links (its address is handed over from Python, so this
-// builds without torch headers), everything between them is plain loops over small rows.
+// much time as its matrix products (measured in benchmarks/RESULTS.md). Here the step is one call: on CPUs with
+// AVX-512 the matrix products run on packed copies of the weights (packed_linear.h) and the loops between them are
+// vectorised (vector_math.h); elsewhere the products go to the sgemm of the BLAS that torch itself links (its
+// address is handed over from Python, so this builds without torch headers). Two threads split every large product
+// and the attention.
 //
 // Computes what calm_engine/engine/model_runner.py computes (its PyTorch path is the reference in the tests):
 // input compression -> Llama layers over the engine's KV-cache slots -> energy head with the given noise ->
@@ -317,9 +319,14 @@ class DecodeStep {
       if (!(screen_.max_row_norm < 1e30))
         throw std::invalid_argument("DecodeStep: vocab_screen needs finite projection rows of norm below 1e30");
       if (avx512_ && calm_cpu::bf16_kernel_supported() && lm_head_.in % 2 == 0) {
-        // At few rows the screen's products run from a packed copy: MKL's GEMM repacks the weight on every call.
+        // The screen's products from a packed copy (MKL's GEMM repacks the weight on every call): on AMX tiles at any
+        // row count, else with AVX512-BF16 up to kPackedScreenRows. With AMX the plain copy is never read again.
         packed_bf16_ = std::make_unique<calm_cpu::PackedBf16Projection>(screen_.weight_bf16, screen_.vocab, screen_.in);
         screen_.amx = calm_cpu::amx_supported() && screen_.in % 32 == 0;
+        if (screen_.amx) {
+          screen_.weight_bf16 = nullptr;
+          screen_bf16_ = py::array_t<uint16_t, py::array::c_style>();
+        }
       }
     }
   }
@@ -619,7 +626,8 @@ class DecodeStep {
         for (int t = 0; t < length; ++t) total += scores[t];
         float* o = job.attn + (static_cast<size_t>(b) * heads + head) * d;
         std::fill_n(o, d, 0.0f);
-        for (int t = 0; t < length; ++t) s.axpy(scores[t] / total, job.layer->values + base + static_cast<size_t>(t) * d, o, d);
+        for (int t = 0; t < length; ++t)
+          s.axpy(scores[t] / total, job.layer->values + base + static_cast<size_t>(t) * d, o, d);
       }
     }
   }

@@ -2,8 +2,9 @@
 //
 // Why: the autoencoder's vocabulary projection is the largest product of a small model's decode step (45% of its
 // multiply-adds on the small benchmark shape at batch 8). In bfloat16 (MKL's gemm_bf16bf16f32 from torch's library,
-// on AMX where the CPU has it) the projection reads half the bytes at a higher rate: steps at batch 8 ran 1.13x
-// (small shape) and 1.16x (CALM-M) faster with the screen (benchmarks/RESULTS.md). A rigorous
+// or this file's kernels on a packed copy: AMX tiles, AVX512-BF16) the projection reads half the bytes at a higher
+// rate: steps at batch 8 ran 1.13x (small shape) and 1.16x (CALM-M) faster with the screen on MKL's GEMM alone
+// (benchmarks/RESULTS.md). A rigorous
 // bound on the bfloat16 error keeps only the ids that could still be the float32 argmax; those few are recomputed in
 // float32, so the result is the float32 argmax (first id on ties), not an approximation of it.
 //
@@ -12,7 +13,7 @@
 //   |screen - x.w| <= (2^-7 + 2^-16) sum_i |x_i w_i| + gamma_in sum_i |x_i w_i|,  gamma_n = n 2^-24 / (1 - n 2^-24)
 // and the float32 reference's own rounding adds gamma_in once more; sum_i |x_i w_i| <= |x| |w| (Cauchy-Schwarz). So
 // with e_v = factor * |x| * |w_v| + tiny (factor = (2^-7 + 2^-16 + 3 gamma_in) plus 1% for the bound's own float32
-// arithmetic; tiny covers products flushed to zero), every id whose upper bound screen_v + e_v reaches the best lower
+// arithmetic; tiny covers products and sums flushed to zero, as AMX and vdpbf16ps do), every id whose upper bound screen_v + e_v reaches the best lower
 // bound max_u (screen_u - e_u) is a candidate, and the argmax is among them. Candidates whose float32 logits differ
 // by no more than float32 rounding are decided by the recomputation's summation order, as between any two float32
 // implementations of the projection.
