@@ -69,7 +69,10 @@ class LLMEngine:
         use_cuda_graph: bool | None = None,
         cuda_graph_buckets: list[int] | None = None,
         use_cpu_step: bool = True,
+        cpu_step_avx512: bool | None = None,
     ):
+        """cpu_step_avx512: the C++ step's AVX-512 kernels (cpu_step.CpuDecodeStep's `avx512`); None uses them where
+        the CPU has AVX-512F. They keep packed copies of the weights (their size again); False keeps torch's sgemm."""
         if prompt_padding not in PROMPT_PADDING:
             raise ValueError(f"prompt_padding must be one of {list(PROMPT_PADDING)}, got {prompt_padding!r}")
         self.model = model
@@ -83,7 +86,7 @@ class LLMEngine:
         self.scheduler = Scheduler(max_batch_size)
         # T = 1 decode steps of a float32 CALM model on CPU run as one C++ call when csrc/ is built (cpu_step.py).
         use_cpu_step = use_cpu_step and isinstance(self.runner, ModelRunner) and cpu_step_available(self.runner)
-        self.cpu_step = CpuDecodeStep(self.runner) if use_cpu_step else None
+        self.cpu_step = CpuDecodeStep(self.runner, avx512=cpu_step_avx512) if use_cpu_step else None
         if use_cuda_graph is None:
             use_cuda_graph = model.device.type == "cuda"
         self.graphs = None
@@ -324,7 +327,7 @@ class LLM:
     model: a checkpoint directory (CALM or token-level Llama), a loaded CalmModel / TokenLlama, or None for the shipped
     default model. Remaining keywords
     go to LLMEngine (max_batch_size, max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph,
-    cuda_graph_buckets, use_cpu_step).
+    cuda_graph_buckets, use_cpu_step, cpu_step_avx512).
     """
 
     def __init__(

@@ -93,12 +93,13 @@ def test_cpu_step_rejects_out_of_range_inputs():
         step.run(ids + model.config.vocab_size, torch.tensor([0]), torch.tensor([0]), seeds, steps)
 
 
-def test_engine_output_is_the_same_with_and_without_the_cpu_step():
+@pytest.mark.parametrize("avx512", AVX512)
+def test_engine_output_is_the_same_with_and_without_the_cpu_step(avx512):
     model = context_sensitive_model(seed=8)
     prompts = [[5, 6, 7], [1] * 9, [8, 9, 10, 11, 12]]
     params = SamplingParams(max_tokens=14, seed=4, ignore_eos=True)
-    fast = LLM(model, max_batch_size=3, max_model_len=40)
-    assert fast.engine.cpu_step is not None
+    fast = LLM(model, max_batch_size=3, max_model_len=40, cpu_step_avx512=avx512)
+    assert fast.engine.cpu_step is not None and fast.engine.cpu_step.avx512 == avx512
     slow = LLM(model, max_batch_size=3, max_model_len=40, use_cpu_step=False)
     assert [o.token_ids for o in fast.generate(prompts, params)] == [
         o.token_ids for o in slow.generate(prompts, params)
