@@ -1,9 +1,15 @@
-"""The C++ decode step with its AVX-512 kernels (packed products, packed vocabulary screen on AMX or AVX512-BF16,
-vectorised SiLU / exp) against the same step on torch's sgemm and MKL's bfloat16 GEMM, alternated in one process on
-the same inputs: median step time of each and their ratio, per batch size; both must give the same ids.
+"""Two configurations of the C++ decode step, alternated in one process on the same inputs: median step time of each
+and their ratio, per batch size; both must give the same ids.
 
-    python benchmarks/cpu_step_ab.py --shape small --batch 1 8 16
-    python benchmarks/cpu_step_ab.py --shape calm_m --batch 1 8 --rounds 4 --calls 2
+    python benchmarks/cpu_step_ab.py --compare avx512 --shape small --batch 1 8 16
+    python benchmarks/cpu_step_ab.py --compare avx512 --shape calm_m --batch 1 8 --rounds 15 --calls 3
+    python benchmarks/cpu_step_ab.py --compare screen --position 40 --batch 1 8 16
+
+--compare avx512: the step's AVX-512 kernels (packed products, the packed vocabulary screen on AMX or AVX512-BF16,
+vectorised attention and SiLU) against the same step on torch's sgemm and MKL's bfloat16 GEMM.
+--compare screen: the bfloat16 vocabulary screen (csrc/vocab_screen.h) against the plain float32 projection, both
+without the step's AVX-512 kernels, as when the screen was measured in session 7 (its scan has since become AVX-512
+where the CPU has it).
 """
 
 from __future__ import annotations
@@ -22,9 +28,19 @@ from benchmarks.shapes import cached_checkpoint  # noqa: E402
 from calm_engine import LLM  # noqa: E402
 from calm_engine.engine.cpu_step import CpuDecodeStep  # noqa: E402
 
+# (name, CpuDecodeStep options) of the two sides of each comparison, the faster one expected first
+COMPARISONS = {
+    "avx512": (("AVX-512 kernels", dict(avx512=True)), ("sgemm + MKL", dict(avx512=False))),
+    "screen": (
+        ("screened", dict(screen_vocab=True, avx512=False)),
+        ("float32", dict(screen_vocab=False, avx512=False)),
+    ),
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="avx512")
     parser.add_argument("--shape", default="small")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--rounds", type=int, default=30, help="alternations per batch size")
@@ -34,9 +50,10 @@ def main() -> None:
     torch.set_num_threads(2)
     llm = LLM(str(cached_checkpoint(args.shape)), max_batch_size=max(args.batch), max_model_len=4 * (args.position + 8))
     runner, config = llm.engine.runner, llm.model.config
-    steps = {"avx512": CpuDecodeStep(runner, avx512=True), "sgemm": CpuDecodeStep(runner, avx512=False)}
+    (fast, fast_options), (plain, plain_options) = COMPARISONS[args.compare]
+    steps = {fast: CpuDecodeStep(runner, **fast_options), plain: CpuDecodeStep(runner, **plain_options)}
     print(f"shape {args.shape}, 2 threads, {args.rounds} alternations of {args.calls} steps each")
-    print("| batch | AVX-512 kernels ms/step | sgemm + MKL ms/step | sgemm / AVX-512 | same ids |")
+    print(f"| batch | {fast} ms/step | {plain} ms/step | {plain} / {fast} | same ids |")
     print("| --- | --- | --- | --- | --- |")
     generator = torch.Generator().manual_seed(0)
     for batch in args.batch:
@@ -44,7 +61,7 @@ def main() -> None:
         positions, slots = torch.full((batch,), args.position), torch.arange(batch)
         seeds, counters = torch.arange(batch) + 1, torch.zeros(batch, dtype=torch.long)
         outputs = {name: step.run(ids, positions, slots, seeds, counters) for name, step in steps.items()}
-        same = torch.equal(outputs["avx512"], outputs["sgemm"])
+        same = torch.equal(outputs[fast], outputs[plain])
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
@@ -52,8 +69,8 @@ def main() -> None:
                 for _ in range(args.calls):
                     step.run(ids, positions, slots, seeds, counters)
                 times[name].append((time.perf_counter() - start) / args.calls)
-        fast, plain = (1e3 * statistics.median(times[name]) for name in ("avx512", "sgemm"))
-        print(f"| {batch} | {fast:.3f} | {plain:.3f} | {plain / fast:.2f}x | {same} |", flush=True)
+        a, b = (1e3 * statistics.median(times[name]) for name in (fast, plain))
+        print(f"| {batch} | {a:.3f} | {b:.3f} | {b / a:.2f}x | {same} |", flush=True)
 
 
 if __name__ == "__main__":
