@@ -498,10 +498,10 @@ class DecodeStep {
     return n;
   }
 
-  // out [rows, l.out] = in [rows, l.in] @ weight^T + bias (+ out when accumulate), via the BLAS sgemm.
-  void gemm(const Linear& l, const float* in, int rows, std::vector<float>& out, bool accumulate = false) {
-    if (!accumulate) out.assign(static_cast<size_t>(rows) * l.out, 0.0f);
-    gemm_into(l, in, rows, out.data(), accumulate);
+  // out [rows, l.out] = in [rows, l.in] @ weight^T + bias, on the packed kernel or the sgemm (neither reads out).
+  void gemm(const Linear& l, const float* in, int rows, std::vector<float>& out) {
+    out.resize(static_cast<size_t>(rows) * l.out);
+    gemm_into(l, in, rows, out.data(), false);
   }
 
   void gemm_into(const Linear& l, const float* in, int rows, float* out, bool accumulate) {
