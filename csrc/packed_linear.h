@@ -24,6 +24,8 @@
 #include <immintrin.h>
 #endif
 
+#include "vector_math.h"
+
 namespace calm_cpu {
 
 constexpr int kPackWidth = 32;    // outputs per group: two 16-float AVX-512 registers
@@ -96,8 +98,7 @@ __attribute__((target("avx512f"))) inline void packed_tile(const float* w, int i
       acc[r][1] = _mm512_fmadd_ps(w1, xb, acc[r][1]);
     }
   }
-  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const __mmask16 m0 = lanes_mask(cols), m1 = lanes_mask(cols - 16);
   const __mmask16 mask[2] = {m0, m1};
   for (int h = 0; h < 2; ++h) {
     if (mask[h] == 0) continue;

@@ -18,6 +18,11 @@
 namespace calm_cpu {
 
 #if defined(__x86_64__)
+// The first `count` of 16 lanes (none for count <= 0, all for count >= 16): the mask of a loop's last, partial vector.
+inline __mmask16 lanes_mask(int count) {
+  return count >= 16 ? __mmask16{0xFFFF} : count <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << count) - 1);
+}
+
 __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
   const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f);  // 12 significant bits: n ln2_hi is exact for |n| < 2^12
@@ -45,7 +50,7 @@ __attribute__((target("avx512f"))) inline void exp_inplace_avx512(float* v, int 
   int i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, exp_avx512(_mm512_loadu_ps(v + i)));
   if (i < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = lanes_mask(n - i);
     _mm512_mask_storeu_ps(v + i, m, exp_avx512(_mm512_maskz_loadu_ps(m, v + i)));
   }
 }
@@ -55,7 +60,7 @@ __attribute__((target("avx512f"))) inline void silu_mul_avx512(const float* g, c
   const __m512 one = _mm512_set1_ps(1.0f);
   int i = 0;
   for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = lanes_mask(n - i);
     const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
     __m512 y = _mm512_div_ps(x, _mm512_add_ps(one, exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
     if (u != nullptr) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(m, u + i));
@@ -66,7 +71,7 @@ __attribute__((target("avx512f"))) inline void silu_mul_avx512(const float* g, c
 __attribute__((target("avx512f"))) inline float dot_avx512(const float* a, const float* b, int n) {
   __m512 acc = _mm512_setzero_ps();
   for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = lanes_mask(n - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -76,7 +81,7 @@ __attribute__((target("avx512f"))) inline float dot_avx512(const float* a, const
 __attribute__((target("avx512f"))) inline void axpy_avx512(float p, const float* x, float* y, int n) {
   const __m512 pv = _mm512_set1_ps(p);
   for (int i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = lanes_mask(n - i);
     _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
   }
 }

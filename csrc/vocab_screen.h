@@ -33,6 +33,8 @@
 #include <unistd.h>
 #endif
 
+#include "vector_math.h"
+
 namespace calm_cpu {
 
 // MKL's cblas_gemm_bf16bf16f32 (CBLAS enums as ints): C [m, n] (float32) = alpha A [m, k] B [k, n] + beta C.
@@ -123,8 +125,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_group_scores(cons
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
     }
   }
-  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const __mmask16 m0 = lanes_mask(cols), m1 = lanes_mask(cols - 16);
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * ldo, m0, acc[r][0]);
     _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * ldo + 16, m1, acc[r][1]);
@@ -278,7 +279,7 @@ __attribute__((target("avx512f"))) inline float lower_bound_avx512(const float* 
   const __m512 ev = _mm512_set1_ps(e), tiny = _mm512_set1_ps(kScreenTiny);
   __m512 best = _mm512_set1_ps(lower);
   for (int c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __mmask16 m = lanes_mask(n - c);
     const __m512 margin = _mm512_add_ps(_mm512_mul_ps(ev, _mm512_maskz_loadu_ps(m, norm + c)), tiny);
     best = _mm512_mask_max_ps(best, m, best, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + c), margin));
   }
@@ -289,7 +290,7 @@ __attribute__((target("avx512f"))) inline bool any_candidate_avx512(const float*
                                                                    float lower) {
   const __m512 ev = _mm512_set1_ps(e), tiny = _mm512_set1_ps(kScreenTiny), low = _mm512_set1_ps(lower);
   for (int c = 0; c < n; c += 16) {
-    const __mmask16 m = n - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - c)) - 1);
+    const __mmask16 m = lanes_mask(n - c);
     const __m512 margin = _mm512_add_ps(_mm512_mul_ps(ev, _mm512_maskz_loadu_ps(m, norm + c)), tiny);
     const __m512 upper = _mm512_add_ps(_mm512_maskz_loadu_ps(m, s + c), margin);
     if (_mm512_mask_cmp_ps_mask(m, upper, low, _CMP_GE_OQ)) return true;

@@ -10,8 +10,9 @@ The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
 Where torch's MKL exports its bfloat16 GEMM and the CPU has bfloat16 arithmetic, the vocabulary argmax goes through
 a bfloat16 screen with a rigorous error bound and float32 recomputation of the ids it leaves (csrc/vocab_screen.h):
 the float32 argmax, computed mostly in bfloat16. The step keeps a bfloat16 copy of the projection's weight for it
-(half the weight's size), and on CPUs with AVX512-BF16 a second one packed for its own kernel, which it uses at up to
-8 rows, where MKL's GEMM spends most of its time repacking the weight.
+(half the weight's size). With the AVX-512 kernels on a CPU with AVX512-BF16 it also packs that copy for its own
+kernel (MKL's GEMM repacks the weight on every call): on AMX tiles for every row count, the plain copy then released;
+without AMX, with AVX512-BF16 at up to 8 rows.
 """
 
 from __future__ import annotations
