@@ -135,7 +135,7 @@ class BranchedContinuations:
         config = self.backbone.config
         positions = torch.arange(self.start, self.stop, device=inputs_embeds.device)[None] + self.steps
         cos, sin = rotary_cos_sin(
-            positions, config.head_dim, config.rope_theta, config.rope_linear_factor, inputs_embeds.dtype
+            positions, config.head_dim, config.rope_theta, config.rope_scaling, inputs_embeds.dtype
         )
         x = inputs_embeds
         for index, layer in enumerate(self.backbone.layers):
