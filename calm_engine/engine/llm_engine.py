@@ -50,8 +50,8 @@ CPU_STEP_MAX_BATCH = 64
 CPU_PREFILL_MAX_CHUNKS = 256
 # Default budget for one step's pool of head samples (the rows of a step times the largest num_samples among them;
 # see sample_row_bytes). 2 GiB holds 64 requests x 200 samples of the default model (0.7 GiB) and of CALM-M (1.5 GiB),
-# and refuses at once what would otherwise run for minutes and exhaust memory (one request of 100,000 samples on the
-# default model ran 100 s and took 5.4 GB).
+# and refuses at once what would otherwise run for minutes and exhaust memory (as reported in issue 16, one request of
+# 100,000 samples on the default model ran 100 s and took 5.4 GB).
 SAMPLE_POOL_MEMORY = 2 << 30
 
 
@@ -490,8 +490,8 @@ def sample_row_bytes(model: CalmModel) -> int:
     live activations (about 8 of width hidden_size), the autoencoder decoder's over its K tokens (a gated MLP: 3 of
     width intermediate and 3 of width hidden per token) and the sampler's int64 copies of the patch.
 
-    Measured as the peak resident memory of one step with a pool of 5,000 and 20,000 samples on the default model:
-    50-60 KB per sample; this gives 55 KB (tests/engine/test_engine.py checks it against a fresh measurement).
+    Measured on the default model as the growth of resident memory during a step with a pool of 5,000 to 20,000
+    samples: 50-68 KB per sample over six runs; this gives 55 KB (tests/engine/test_engine.py measures it again).
     """
     config, ae = model.config, model.autoencoder.config
     element = torch.empty((), dtype=model.dtype).element_size()
