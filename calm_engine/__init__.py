@@ -7,4 +7,7 @@ from calm_engine.engine.llm_engine import LLM, LLMEngine
 from calm_engine.model.checkpoint import load, load_autoencoder
 from calm_engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "load", "load_autoencoder"]
+# The one place the version is written: setup.py reads it from this line.
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "__version__", "load", "load_autoencoder"]

@@ -26,7 +26,7 @@ import torch
 
 from calm_engine.engine.model_runner import project_argmax
 from calm_engine.model.calm import CalmModel
-from calm_engine.model.checkpoint import load
+from calm_engine.model.checkpoint import default_model_path, load
 from calm_engine.model.llama import KVCache, LlamaBackbone, apply_rotary, rotary_cos_sin
 from calm_engine.model.token_llama import TokenLlama
 
@@ -135,7 +135,7 @@ class BranchedContinuations:
         config = self.backbone.config
         positions = torch.arange(self.start, self.stop, device=inputs_embeds.device)[None] + self.steps
         cos, sin = rotary_cos_sin(
-            positions, config.head_dim, config.rope_theta, config.rope_linear_factor, inputs_embeds.dtype
+            positions, config.head_dim, config.rope_theta, config.rope_scaling, inputs_embeds.dtype
         )
         x = inputs_embeds
         for index, layer in enumerate(self.backbone.layers):
@@ -589,7 +589,8 @@ def add_brierlm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-document",
         action="store_true",
-        help="cut each document into its own blocks instead of concatenating them (the official protocol)",
+        help="cut each document into its own blocks, the last one shorter, instead of the official protocol "
+        "(all documents concatenated, cut into equal blocks, the remainder dropped)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -616,6 +617,7 @@ def run_brierlm(args: argparse.Namespace) -> int:
         return 2
     print(format_result(result, str(args.data)))
     if args.output is not None:
-        record = {"model": str(args.model_dir) if args.model_dir else None, "data": str(args.data), "seed": args.seed}
+        scored = args.model_dir if args.model_dir is not None else default_model_path()
+        record = {"model": str(scored), "data": str(args.data), "seed": args.seed}
         args.output.write_text(json.dumps({**record, **dataclasses.asdict(result)}, indent=2) + "\n")
     return 0

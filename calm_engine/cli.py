@@ -2,6 +2,8 @@
 
 calm generate [PROMPT ...]   continue prompts (arguments, else lines of stdin) with the default or a given model
 calm inspect PATH            config, parameter counts by component and dtype of a checkpoint
+
+Bad input of any kind ends with one line on stderr and exit status 2; Ctrl-C with one line and 130.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import calm_engine
 from calm_engine.brierlm import add_brierlm_arguments, run_brierlm
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
-from calm_engine.model.checkpoint import CheckpointError, load, load_autoencoder, read_weights
+from calm_engine.model.checkpoint import (
+    CheckpointError,
+    is_autoencoder_checkpoint,
+    load,
+    load_autoencoder,
+    read_weights,
+    resolve_device,
+)
 from calm_engine.model.config import ConfigError
 from calm_engine.model.token_llama import TokenLlama
 from calm_engine.sampling_params import SamplingParams
@@ -56,7 +66,7 @@ def _autoencoder_rows(autoencoder: Autoencoder, prefix: str) -> list[tuple[str, 
     decoder_label = f"{prefix}decoder"
     if autoencoder.weights_tied:
         decoder -= embedding
-        decoder_label += " (output projection tied to the embedding)"
+        decoder_label += " (output projection tied, see note)"
     return [
         (f"{prefix}encoder.embed_tokens", embedding),
         (f"{prefix}encoder (rest)", parameter_count(autoencoder.encoder) - embedding),
@@ -70,21 +80,28 @@ def stored_dtypes(path: Path) -> str:
 
 
 def inspect(path: Path, dtype: str) -> str:
-    config_data = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    is_autoencoder = "Autoencoder" in (config_data.get("architectures") or [])
+    is_autoencoder = is_autoencoder_checkpoint(path)
     model = load_autoencoder(path, dtype=dtype) if is_autoencoder else load(path, dtype=dtype)
     kind = "autoencoder" if is_autoencoder else "token-level Llama" if isinstance(model, TokenLlama) else "CALM"
     lines = [f"{kind} checkpoint: {path}", "", "config:"]
     lines += [f"  {key:<26} {json.dumps(value)}" for key, value in sorted(model.config.to_dict().items())]
+    autoencoder = model if is_autoencoder else getattr(model, "autoencoder", None)
     if kind == "CALM":
         lines += ["", "autoencoder config:"]
-        lines += [f"  {k:<26} {json.dumps(v)}" for k, v in sorted(model.autoencoder.config.to_dict().items())]
+        lines += [f"  {k:<26} {json.dumps(v)}" for k, v in sorted(autoencoder.config.to_dict().items())]
     rows = component_counts(model)
     total = parameter_count(model)
     width = max(len(name) for name, _ in rows) + 2
     lines += ["", "parameters:"]
     lines += [f"  {name:<{width}} {count:>14,}" for name, count in rows]
     lines += [f"  {'total':<{width}} {total:>14,}"]
+    if autoencoder is not None and autoencoder.weights_tied:
+        tie = json.dumps(autoencoder.config.tie_word_embeddings)
+        lines += [
+            "note: the autoencoder's output projection is its embedding, counted once: the official Autoencoder ties",
+            f"      them whatever its config's tie_word_embeddings says (here {tie}), unless the checkpoint stores a",
+            "      different decoder.lm_head_weight",
+        ]
     dtype_now = next(model.parameters()).dtype
     lines += ["", f"dtype: {str(dtype_now).removeprefix('torch.')} (stored: {stored_dtypes(path)})"]
     if not is_autoencoder:
@@ -96,12 +113,16 @@ def inspect(path: Path, dtype: str) -> str:
 
 def generate(args: argparse.Namespace) -> None:
     """Continue every prompt; a single prompt streams to stdout as it is generated, several print when done."""
-    prompts = args.prompts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    prompts = [_utf8_text(p, f"prompt argument {i + 1}") for i, p in enumerate(args.prompts)] or _stdin_prompts()
     if not prompts:
         raise ValueError("no prompt: give prompts as arguments or one per line on stdin")
-    llm = LLM(args.model, dtype=args.dtype, max_batch_size=args.batch)
-    if llm.model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer, so it cannot take text prompts")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - len(prompts):
+        raise ValueError(
+            f"--seed {args.seed}: prompt i uses seed + i, so with {len(prompts)} prompt(s) the seed must be in "
+            f"[0, 2**63 - {len(prompts)}]"
+        )
     params = [
         SamplingParams(
             temperature=args.temperature,
@@ -111,6 +132,10 @@ def generate(args: argparse.Namespace) -> None:
         )
         for i in range(len(prompts))
     ]
+    device = resolve_device(args.device)
+    llm = LLM(args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(prompts)))
+    if llm.model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer, so it cannot take text prompts")
     if len(prompts) == 1 and not args.no_stream:
         _stream(llm, prompts[0], params[0])
         return
@@ -119,22 +144,56 @@ def generate(args: argparse.Namespace) -> None:
         sys.stdout.write(f"{prompts[i]}{output.text}\n{separator}")
 
 
+def _utf8_text(text: str | bytes, where: str) -> str:
+    """Text as UTF-8 allows, else a ValueError naming where it came from. Python hands over undecodable bytes of
+    argv and stdin as lone surrogates (surrogateescape); they are turned back into the bytes they were."""
+    try:
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise ValueError(
+            f"{where} holds a lone surrogate (U+{ord(bad):04X} at index {error.start}), not text"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{where} is not valid UTF-8 (byte 0x{error.object[error.start]:02x} at byte {error.start})"
+        ) from None
+
+
+def _stdin_prompts() -> list[str]:
+    """One prompt per non-blank line of stdin; a hint on stderr when it is a terminal, where the wait looks like a
+    hang."""
+    if sys.stdin.isatty():
+        print("calm generate: reading prompts from stdin, one per line; end with Ctrl-D", file=sys.stderr)
+    buffer = getattr(sys.stdin, "buffer", None)  # bytes, so that a bad line is reported as such
+    lines = (buffer.read() if buffer is not None else sys.stdin.read()).splitlines()
+    texts = [_utf8_text(line, f"stdin line {number}") for number, line in enumerate(lines, 1)]
+    return [text for text in texts if text.strip()]
+
+
 def _stream(llm: LLM, prompt: str, params: SamplingParams) -> None:
     """Print the prompt, then the continuation as each step's K tokens arrive. The text is re-decoded from all ids
     so far, because a byte-level token can end inside a UTF-8 character; an incomplete character waits a step."""
     engine, tokenizer = llm.engine, llm.model.tokenizer
-    engine.add_request("cli", prompt, params)
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    shown = ""
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            text = output.text if output.finished else tokenizer.decode(output.token_ids).rstrip("\ufffd")
-            if text.startswith(shown):
-                sys.stdout.write(text[len(shown) :])
-                sys.stdout.flush()
-                shown = text
-    sys.stdout.write("\n")
+    shown = None  # the text printed so far; None until the prompt is
+    try:  # Ctrl-C included, at any point: no request is left in the engine and the printed line is ended
+        engine.add_request("cli", prompt, params)
+        shown = ""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                text = output.text if output.finished else tokenizer.decode(output.token_ids).rstrip("\ufffd")
+                if text.startswith(shown):
+                    sys.stdout.write(text[len(shown) :])
+                    sys.stdout.flush()
+                    shown = text
+    finally:
+        engine.abort("cli")
+        if shown is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def train(args: argparse.Namespace) -> None:
@@ -144,18 +203,39 @@ def train(args: argparse.Namespace) -> None:
     train_default_model(args.out, recipe, python_docs_dir=args.python_docs, stages=tuple(args.stages or STAGES))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with usage errors on one line, as every other error of the command is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calm", description="Inference engine for CALM models.")
+    parser = _Parser(prog="calm", description="Inference engine for CALM models.")
+    parser.add_argument("--version", action="version", version=f"calm-engine {calm_engine.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     generate_cmd = commands.add_parser("generate", help="continue prompts (arguments, else lines of stdin)")
     generate_cmd.add_argument("prompts", nargs="*", help="prompt texts; without any, one prompt per line of stdin")
     generate_cmd.add_argument("--model", default=None, help="a checkpoint directory (default: the shipped model)")
-    generate_cmd.add_argument("--temperature", type=float, default=0.5, help="in (0, 1] (default 0.5, as the paper)")
-    generate_cmd.add_argument("--max-tokens", type=int, default=64)
-    generate_cmd.add_argument("--num-samples", type=int, default=200, help="head samples per step when T < 1")
+    generate_cmd.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="in (0, 1] (default 0.5, sharper text to read, as the paper samples; the API's SamplingParams defaults "
+        "to 1, the model's own distribution and the fast path)",
+    )
+    generate_cmd.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    generate_cmd.add_argument(
+        "--num-samples", type=int, default=200, help="head samples per step when T < 1 (default 200)"
+    )
     generate_cmd.add_argument("--seed", type=int, default=None, help="prompt i uses seed + i (default: random)")
-    generate_cmd.add_argument("--batch", type=int, default=64, help="requests decoded together at most")
-    generate_cmd.add_argument("--no-stream", action="store_true", help="print a single prompt's output when done")
+    generate_cmd.add_argument("--batch", type=int, default=64, help="requests decoded together at most (default 64)")
+    generate_cmd.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="print a single prompt's output when done (a progress bar on a terminal)",
+    )
+    generate_cmd.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     generate_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     eval_cmd = commands.add_parser("eval", help="evaluate a model")
     metrics = eval_cmd.add_subparsers(dest="metric", required=True)
@@ -175,9 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate" and args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     # Gradients only for training; the context restores the caller's mode (tests call main in-process).
     with torch.set_grad_enabled(args.command == "train"):
-        return _run(args)
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            print(f"calm {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 SAMPLERS = ("approximate", "exact")
@@ -12,16 +14,21 @@ SAMPLERS = ("approximate", "exact")
 class SamplingParams:
     """Per-request sampling settings.
 
-    temperature: in (0, 1]. 1 takes one head sample per step. Below 1 a pool of `num_samples` head samples per step
+    temperature: in (0, 1]; default 1, the model's own distribution (one head sample per step, the fast path;
+        `calm generate` defaults to 0.5 for sharper text to read). Below 1 a pool of `num_samples` head samples per step
         feeds the likelihood-free sampler: "approximate" (the paper's Algorithm 2, what the official code does, here
         extended to any T in (0, 1]) or "exact" (Algorithm 1, with a bounded number of pools; see engine/sampler.py).
     max_tokens: generated tokens at most; the last chunk is truncated to it.
     seed: makes the request's output reproducible whatever else runs in the batch; None draws a fresh seed.
-    stop: strings that end the request; the text is cut before the first one (needs a tokenizer).
-    stop_token_ids: ids that end the request like the end-of-sequence id.
+    stop: a string or a list of strings that end the request; the text is cut before the first one (needs a
+        tokenizer). Omit it (or give ()) for none.
+    stop_token_ids: a list of ids that end the request like the end-of-sequence id.
     ignore_eos: keep generating after an end-of-sequence id (benchmarks).
     keep_eos_chunk: keep the ids after the end-of-sequence id inside its chunk, as the official generate does
         (default: the request ends at the end-of-sequence id, which is reported, and the rest is dropped).
+
+    Numbers may be numpy or other `numbers.Real` / `numbers.Integral` scalars (np.float32(0.5), np.int64(7)); they are
+    stored as Python floats and ints.
     """
 
     temperature: float = 1.0
@@ -36,24 +43,13 @@ class SamplingParams:
     keep_eos_chunk: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        for token in self.stop_token_ids:
-            _check_int("stop_token_ids", token, 0)
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 < t <= 1:
-            raise ValueError(
-                f"temperature must be in (0, 1], got {t!r}: CALM samples likelihood-free, and temperatures above 1 "
-                "have no sampler"
-            )
-        _check_int("max_tokens", self.max_tokens, 1)
-        _check_int("num_samples", self.num_samples, 1)
-        _check_int("exact_max_pools", self.exact_max_pools, 1)
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        object.__setattr__(self, "stop_token_ids", _stop_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "temperature", _temperature(self.temperature))
+        for name, minimum in (("max_tokens", 1), ("num_samples", 1), ("exact_max_pools", 1)):
+            object.__setattr__(self, name, _integer(name, getattr(self, name), minimum))
         if self.seed is not None:
-            _check_int("seed", self.seed, 0)
+            object.__setattr__(self, "seed", _integer("seed", self.seed, 0))
             if self.seed >= 2**63:
                 raise ValueError(f"seed must be below 2**63, got {self.seed}")
         if self.sampler not in SAMPLERS:
@@ -63,9 +59,9 @@ class SamplingParams:
                 f"num_samples={self.num_samples} is below n=floor(1/T)={self.inverse_floor}: the approximate sampler "
                 "needs at least n samples to see a patch n times"
             )
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        for name in ("ignore_eos", "keep_eos_chunk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def inverse_temperature(self) -> float:
@@ -83,6 +79,43 @@ class SamplingParams:
         return 1 if self.temperature == 1 else self.num_samples
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _integer(name: str, value, minimum: int) -> int:
+    """An integral number (int, np.int64, ...; not bool) >= minimum, as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _temperature(given) -> float:
+    rule = f"temperature must be in (0, 1], got {given!r}"
+    if isinstance(given, bool) or not isinstance(given, numbers.Real):
+        raise ValueError(f"{rule} (a {type(given).__name__}, not a number)")
+    value = float(given)
+    if math.isnan(value):
+        raise ValueError(rule)
+    if value <= 0:
+        raise ValueError(
+            f"{rule}: CALM samples likelihood-free and has no greedy T = 0; a small T such as 0.1 (with "
+            "num_samples >= 1/T) comes close"
+        )
+    if value > 1:
+        raise ValueError(f"{rule}: CALM samples likelihood-free, and temperatures above 1 have no sampler")
+    return value
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if isinstance(stop, (bytes, bytearray)) or not isinstance(stop, (str, Iterable)):
+        raise ValueError(f"stop must be a string or a list of strings (omit it for none), got {stop!r}")
+    strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    for s in strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+    return tuple(strings)
+
+
+def _stop_token_ids(ids) -> tuple[int, ...]:
+    if isinstance(ids, numbers.Integral):
+        raise ValueError(f"stop_token_ids must be a list of token ids, got the single number {ids!r}: write [{ids!r}]")
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+        raise ValueError(f"stop_token_ids must be a list of token ids (omit it for none), got {ids!r}")
+    return tuple(_integer("stop_token_ids", token, 0) for token in ids)

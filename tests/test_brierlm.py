@@ -309,6 +309,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "brierlm: blocks" in printed.err and "documents" in printed.err
     result = json.loads(output.read_text())
     assert result["documents"] == 4 and result["block_size"] == 256 and result["requested_block_size"] == 8192
+    assert result["model"] == str(model_dir)
     assert result["brierlm"] == pytest.approx(brierlm_score([result[f"brier{n}"] for n in range(1, 5)]))
     assert result["positions"] == result["blocks"] * (256 // 4 - 1)
 

@@ -52,3 +52,15 @@ def test_the_model_card_is_shipped():
 def test_unknown_default_model_name():
     with pytest.raises(ValueError, match="token_baseline"):
         default_model_path("big")
+
+
+@pytest.mark.parametrize("text", ["some text", "To be, or not", "The module provides a way", "abcd"])
+def test_text_round_trip_adds_nothing_from_the_padding(text):
+    """The default autoencoder decodes pad positions as other tokens ("some text" came back as "some text.,"):
+    encode_text reports the token count, and decode_text cuts the padding off with it."""
+    model = calm_engine.load()
+    latents, num_tokens = model.encode_text(text)
+    assert num_tokens == len(model.tokenizer.encode(text))
+    assert model.decode_text(latents, num_tokens) == text
+    with pytest.raises(ValueError, match="num_tokens must be a non-negative integer, got -1"):
+        model.decode_text(latents, -1)

@@ -99,7 +99,8 @@ def test_tokenizer_json_preferred_and_errors(tmp_path, hf_tokenizer_dir):
 
 
 def test_text_helpers(tmp_path, hf_tokenizer_dir):
-    """encode_text pads the last chunk with the pad id and encodes; decode_text decodes, drops pads, detokenizes."""
+    """encode_text pads the last chunk with the pad id and encodes; decode_text decodes, cuts to the text's tokens,
+    drops pads, detokenizes."""
     tokenizer = find_tokenizer(hf_tokenizer_dir)
     model = random_calm_model(seed=21, vocab_size=tokenizer.vocab_size, pad_token_id=0)
     save_calm(model, tmp_path / "calm")
@@ -109,10 +110,11 @@ def test_text_helpers(tmp_path, hf_tokenizer_dir):
     ids = tokenizer.encode(text)
     k = model.config.patch_size
     padded = torch.tensor([ids + [0] * (-len(ids) % k)])
-    latents = model.encode_text(text)
-    assert torch.equal(latents, model.autoencoder.encode(padded)[0][0])
+    latents, num_tokens = model.encode_text(text)
+    assert torch.equal(latents, model.autoencoder.encode(padded)[0][0]) and num_tokens == len(ids)
     decoded = model.autoencoder.decode_ids(latents[None])[0].tolist()
     assert model.decode_text(latents) == tokenizer.decode([i for i in decoded if i != 0])
+    assert model.decode_text(latents, num_tokens) == tokenizer.decode([i for i in decoded[: len(ids)] if i != 0])
 
     no_tokenizer = calm_engine.load(shared_path("conformance", "calm"))
     with pytest.raises(ValueError, match="no tokenizer"):

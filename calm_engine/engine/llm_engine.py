@@ -20,11 +20,13 @@ logits); SamplingParams' num_samples, sampler and exact_max_pools do not apply t
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from calm_engine.engine.cpu_step import CpuDecodeStep
 from calm_engine.engine.cpu_step import available as cpu_step_available
@@ -46,6 +48,11 @@ CPU_STEP_MAX_BATCH = 64
 # and large products win (first step, small shape, 2 threads, C++ / PyTorch: 1 x 128 chunks 12.2 / 15.4 ms, 2 x 128
 # 23.7 / 24.8, 4 x 128 50.2 / 44.5, 8 x 128 94.6 / 67.4; benchmarks/prefill_ab.py).
 CPU_PREFILL_MAX_CHUNKS = 256
+# Default budget for one step's pool of head samples (the rows of a step times the largest num_samples among them;
+# see sample_row_bytes). 2 GiB holds 64 requests x 200 samples of the default model (0.7 GiB) and of CALM-M (1.5 GiB),
+# and refuses at once what would otherwise run for minutes and exhaust memory (as reported in issue 16, one request of
+# 100,000 samples on the default model ran 100 s and took 5.4 GB).
+SAMPLE_POOL_MEMORY = 2 << 30
 
 
 class LLMEngine:
@@ -54,6 +61,9 @@ class LLMEngine:
     One `step()` admits waiting requests into free slots (prefilled together, eagerly), decodes one chunk for every
     running request (replayed from a CUDA graph on GPUs), samples every row's next K tokens on the device and copies
     them to the host once.
+
+    sample_pool_memory bounds the bytes of one step's head samples (its rows x the largest num_samples among them x
+    sample_row_bytes); add_request refuses a request with which a step could exceed it.
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class LLMEngine:
         max_batch_size: int = 64,
         max_model_len: int | None = None,
         kv_cache_memory: int | None = None,
+        sample_pool_memory: int = SAMPLE_POOL_MEMORY,
         prompt_padding: str = "right",
         noise: NoiseFn | None = None,
         seed: int | None = None,
@@ -75,6 +86,8 @@ class LLMEngine:
         the CPU has AVX-512F. They keep packed copies of the weights (their size again); False keeps torch's sgemm."""
         if prompt_padding not in PROMPT_PADDING:
             raise ValueError(f"prompt_padding must be one of {list(PROMPT_PADDING)}, got {prompt_padding!r}")
+        if isinstance(sample_pool_memory, bool) or not isinstance(sample_pool_memory, int) or sample_pool_memory < 1:
+            raise ValueError(f"sample_pool_memory must be a positive number of bytes, got {sample_pool_memory!r}")
         self.model = model
         self.config = model.config
         self.patch_size = model.config.patch_size
@@ -84,6 +97,10 @@ class LLMEngine:
         runner_class = TokenModelRunner if isinstance(model, TokenLlama) else ModelRunner
         self.runner = runner_class(model, self.cache, noise or philox_noise)
         self.scheduler = Scheduler(max_batch_size)
+        self.max_batch_size = max_batch_size
+        self.sample_pool_memory = sample_pool_memory
+        # A token-level model draws one token per row whatever num_samples says: no pool.
+        self.sample_row_bytes = sample_row_bytes(model) if isinstance(self.runner, ModelRunner) else 0
         # T = 1 decode steps of a float32 CALM model on CPU run as one C++ call when csrc/ is built (cpu_step.py).
         use_cpu_step = use_cpu_step and isinstance(self.runner, ModelRunner) and cpu_step_available(self.runner)
         self.cpu_step = CpuDecodeStep(self.runner, avx512=cpu_step_avx512) if use_cpu_step else None
@@ -114,6 +131,7 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         if params.exact_max_pools > MAX_POOLS:
             raise ValueError(f"exact_max_pools must be at most {MAX_POOLS}, got {params.exact_max_pools}")
+        self._check_sample_pool(params)
         prompt_ids = self._prompt_ids(prompt)
         fed = self._pad_prompt(prompt_ids)
         chunks = len(fed) // self.patch_size
@@ -172,22 +190,58 @@ class LLMEngine:
 
     # ---- internals --------------------------------------------------------------------------------------------
 
+    def _check_sample_pool(self, params: SamplingParams) -> None:
+        """Refuse a request with which some step could draw more head samples than sample_pool_memory allows.
+
+        A step samples a pool [rows, S], S the largest num_samples among its rows, and its rows are at most the
+        unfinished requests (or the slots); checking every request as it comes bounds every later step."""
+        if not self.sample_row_bytes or params.samples_per_step == 1:
+            return
+        samples = max([params.samples_per_step, *(r.params.samples_per_step for r in self.requests.values())])
+        rows = min(self.max_batch_size, len(self.requests) + 1)
+        needed = rows * samples * self.sample_row_bytes
+        if needed <= self.sample_pool_memory:
+            return
+        if rows == 1:
+            what = f"num_samples={samples} draws {samples:,} head samples per step"
+            fix = "lower num_samples or raise sample_pool_memory"
+        else:
+            what = (
+                f"num_samples={params.num_samples}: a step of the {rows} requests that would run together draws "
+                f"{rows} x {samples:,} head samples (the largest num_samples among them)"
+            )
+            fix = "lower num_samples, run fewer requests at once (max_batch_size), or raise sample_pool_memory"
+        raise ValueError(
+            f"{what}, about {needed / 2**30:.1f} GiB ({self.sample_row_bytes / 1024:.0f} KiB each), over the "
+            f"sample pool budget sample_pool_memory={self.sample_pool_memory / 2**30:.1f} GiB: {fix}"
+        )
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.model.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer, and this model has none: pass token ids")
+            _check_text(prompt)
             ids = self.model.tokenizer.encode(prompt)
-        elif isinstance(prompt, torch.Tensor):
+        elif isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(
+                f"the prompt is {type(prompt).__name__} ({_short(prompt)}): decode it to a str for text, "
+                "or pass a list of token ids"
+            )
+        elif isinstance(prompt, (torch.Tensor, np.ndarray)):
+            if prompt.ndim != 1:
+                raise ValueError(f"a prompt of token ids must be 1-D, got shape {list(prompt.shape)}")
             ids = prompt.tolist()
-        else:
+        elif isinstance(prompt, Iterable):
             ids = list(prompt)
+        else:
+            raise TypeError(f"a prompt must be a str or a sequence of token ids, got {_short(prompt)}")
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.config.vocab_size
         for token in ids:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab:
                 raise ValueError(f"prompt token {token!r} is not an id in the vocabulary [0, {vocab})")
-        return ids
+        return [int(token) for token in ids]
 
     def _pad_prompt(self, ids: list[int]) -> list[int]:
         missing = -len(ids) % self.patch_size
@@ -327,7 +381,7 @@ class LLM:
     model: a checkpoint directory (CALM or token-level Llama), a loaded CalmModel / TokenLlama, or None for the shipped
     default model. Remaining keywords
     go to LLMEngine (max_batch_size, max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph,
-    cuda_graph_buckets, use_cpu_step, cpu_step_avx512).
+    cuda_graph_buckets, use_cpu_step, cpu_step_avx512, sample_pool_memory).
     """
 
     def __init__(
@@ -350,27 +404,97 @@ class LLM:
         self,
         prompts: str | Sequence[int] | Iterable[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        prompts: a str or a list of ids (one prompt), a 1-D tensor or array of ids (one prompt), a 2-D one (a prompt
+        per row), or a list of any of these. use_tqdm: a progress bar on stderr when it is a terminal.
+        If anything interrupts the call (an error, Ctrl-C), its requests are aborted, so the engine stays usable.
+        """
+        prompts = _prompt_list(prompts)
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
         if self.engine.has_unfinished_requests():
             raise RuntimeError("the engine has unfinished requests from the step API; finish or abort them first")
         ids = [f"generate-{i}" for i in range(len(prompts))]
+        results: dict[str, RequestOutput] = {}
+        # disable=None: tqdm shows the bar only when stderr is a terminal.
+        bar = tqdm(total=len(ids), desc="generate", unit="prompt", disable=None if use_tqdm else True)
         try:
             for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
                 self.engine.add_request(request_id, prompt, p)
-        except Exception:
+            tokens = 0
+            while self.engine.has_unfinished_requests():
+                outputs = self.engine.step()
+                tokens += sum(len(output.new_token_ids) for output in outputs)
+                finished = [output for output in outputs if output.finished]
+                results.update((output.request_id, output) for output in finished)
+                if not bar.disable:
+                    bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False)
+                    bar.update(len(finished))
+        except BaseException:
             for request_id in ids:
                 self.engine.abort(request_id)
             raise
-        results: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    results[output.request_id] = output
+        finally:
+            bar.close()
         return [results[i] for i in ids]
+
+
+def _prompt_list(prompts) -> list:
+    """LLM.generate's prompts argument as a list of single prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (torch.Tensor, np.ndarray)):
+        if prompts.ndim == 1:
+            return [prompts]
+        if prompts.ndim == 2:
+            return list(prompts)
+        raise ValueError(
+            f"prompts as a tensor must be 1-D (one prompt) or 2-D (a prompt per row), got shape {list(prompts.shape)}"
+        )
+    if isinstance(prompts, (bytes, bytearray)):
+        raise TypeError(
+            f"prompts is {type(prompts).__name__} ({_short(prompts)}): decode it to a str for text, or "
+            "pass a list of token ids"
+        )
+    if not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a str, a list of token ids, or a list of those, got {_short(prompts)}")
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], numbers.Integral) and not isinstance(prompts[0], bool):
+        return [prompts]  # a list of ids is one prompt
+    return prompts
+
+
+def _check_text(text: str) -> None:
+    """Text the tokenizer can take: a lone surrogate (e.g. from bytes decoded with errors="surrogateescape") is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"the prompt is not valid text: {text[error.start]!r} at index {error.start} is a lone surrogate "
+            f"(U+{ord(text[error.start]):04X}), which no UTF-8 text holds"
+        ) from None
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sample_row_bytes(model: CalmModel) -> int:
+    """Bytes one head sample holds at the peak of a sampling step, from the shapes: its noise (float32), the head's
+    live activations (about 8 of width hidden_size), the autoencoder decoder's over its K tokens (a gated MLP: 3 of
+    width intermediate and 3 of width hidden per token) and the sampler's int64 copies of the patch.
+
+    Measured on the default model as the growth of resident memory during a step with a pool of 5,000 to 20,000
+    samples: 50-68 KB per sample over six runs; this gives 55 KB (tests/engine/test_engine.py measures it again).
+    """
+    config, ae = model.config, model.autoencoder.config
+    element = torch.empty((), dtype=model.dtype).element_size()
+    head = 8 * config.hidden_size + config.latent_size
+    decoder = 3 * ae.hidden_size + config.patch_size * 3 * (ae.hidden_size + ae.intermediate_size)
+    return 4 * config.noise_size + element * (head + decoder) + 4 * 8 * config.patch_size

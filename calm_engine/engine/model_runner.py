@@ -214,7 +214,7 @@ class BackboneRunner:
         self.patch_size = config.patch_size
         self.layers = [_Layer(layer, config.hidden_act) for layer in model.backbone.layers]
         positions = torch.arange(cache.capacity, device=model.device)[None]
-        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_linear_factor, model.dtype)
+        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling, model.dtype)
         self.rope_cos, self.rope_sin = cos[0], sin[0]
 
     def compress(self, ids: torch.Tensor) -> torch.Tensor:

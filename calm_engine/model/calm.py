@@ -86,8 +86,11 @@ class CalmModel(nn.Module):
             )
         return self.generative_head(hidden, noise.to(hidden.dtype))
 
-    def encode_text(self, text: str) -> torch.Tensor:
-        """text -> posterior means [n, latent] of its chunks; a partial last chunk is padded with the pad id."""
+    def encode_text(self, text: str) -> tuple[torch.Tensor, int]:
+        """text -> (posterior means [n, latent] of its chunks, its number of tokens).
+
+        A partial last chunk is padded with the pad id; the autoencoder need not reconstruct pads as pads (the
+        default model's does not), so give the token count to decode_text to get the text back without them."""
         ids = self._require_tokenizer().encode(text)
         pad = -len(ids) % self.config.patch_size
         if pad and self.config.pad_token_id is None:
@@ -95,13 +98,18 @@ class CalmModel(nn.Module):
                 f"text has {len(ids)} tokens, not a multiple of K={self.config.patch_size}, and the config has no "
                 "pad_token_id to fill the last chunk"
             )
-        ids = torch.tensor([ids + [self.config.pad_token_id] * pad], device=self.device)
-        mean, _ = self.autoencoder.encode(ids)
-        return mean[0]
+        padded = torch.tensor([ids + [self.config.pad_token_id] * pad], device=self.device)
+        mean, _ = self.autoencoder.encode(padded)
+        return mean[0], len(ids)
 
-    def decode_text(self, latents: torch.Tensor) -> str:
-        """latents [n, latent] -> text: greedy decode of every chunk, pad ids dropped."""
-        ids = self.autoencoder.decode_ids(latents[None])[0].tolist()
+    def decode_text(self, latents: torch.Tensor, num_tokens: int | None = None) -> str:
+        """latents [n, latent] -> text: greedy decode of every chunk, cut to the first `num_tokens` ids (those of
+        the encoded text, when it came from encode_text), pad ids dropped."""
+        if num_tokens is not None and (
+            isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens
+        ):
+            raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
+        ids = self.autoencoder.decode_ids(latents[None])[0].tolist()[:num_tokens]
         return self._require_tokenizer().decode([i for i in ids if i != self.config.pad_token_id])
 
     def _require_tokenizer(self):

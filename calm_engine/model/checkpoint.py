@@ -81,25 +81,47 @@ def load(
     if path is None:
         path = default_model_path()
     directory = _existing_dir(path, "checkpoint")
-    dtype, device = _resolve_dtype(dtype), torch.device(device)
+    dtype, device = _resolve_dtype(dtype), resolve_device(device)
     from calm_engine.model.token_llama import is_token_llama_checkpoint, load_token_llama  # it imports this module
 
+    if is_autoencoder_checkpoint(directory):
+        raise CheckpointError(
+            f"{directory} is an autoencoder checkpoint (its config.json names the architecture 'Autoencoder'), not a "
+            "language model: calm_engine.load_autoencoder reads it; to generate, give the CALM checkpoint that uses it"
+        )
     if is_token_llama_checkpoint(directory):
         if ae_path is not None:
             raise CheckpointError(f"{directory} is a token-level Llama checkpoint; ae_path is for CALM checkpoints")
         return load_token_llama(directory, device=device, dtype=dtype, tokenizer=tokenizer)
     config = CalmConfig.from_file(directory)
     weights = read_weights(directory)
-
-    ae_weights = {k[len(AE_PREFIX) :]: v for k, v in weights.items() if k.startswith(AE_PREFIX)}
     calm_weights = _from_official_names({k: v for k, v in weights.items() if not k.startswith(AE_PREFIX)})
+    ae_config, ae_weights, ae_label = _autoencoder_parts(directory, config, weights, ae_path)
+
+    with torch.device("meta"):
+        model = CalmModel(config, ae_config)
+    problems = _check_weights(model.state_dict(), calm_weights, skip_prefix="autoencoder.", name=_official_name)
+    problems += _check_weights(model.autoencoder.state_dict(), ae_weights, optional={LM_HEAD_KEY}, label=ae_label)
+    _raise_problems(directory, problems)
+    model.load_state_dict(_cast(calm_weights, dtype, device), strict=False, assign=True)
+    _assign_autoencoder(model.autoencoder, ae_weights, dtype, device)
+    assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
+    model.tokenizer = _tokenizer_for(directory, tokenizer, config.pad_token_id)
+    return model.eval().requires_grad_(False)
+
+
+def _autoencoder_parts(
+    directory: Path, config: CalmConfig, weights: dict[str, torch.Tensor], ae_path: str | Path | None
+) -> tuple[AutoencoderConfig, dict[str, torch.Tensor], str]:
+    """A CALM checkpoint's autoencoder: (config, weights by autoencoder names, the label its errors carry)."""
+    ae_weights = {k[len(AE_PREFIX) :]: v for k, v in weights.items() if k.startswith(AE_PREFIX)}
     ae_dir = _find_autoencoder_dir(directory, config, ae_path)
     if ae_weights:
         if ae_path is not None:
             warnings.warn(
                 f"{directory} carries its own autoencoder weights (ae_model.*); ae_path={str(ae_path)!r} is used "
                 "for the autoencoder config only",
-                stacklevel=2,
+                stacklevel=3,
             )
         ae_config = AutoencoderConfig.from_file(ae_dir) if ae_dir else _infer_autoencoder_config(ae_weights, config)
         ae_label = AE_PREFIX
@@ -113,17 +135,7 @@ def load(
             f"(tried {', '.join(str(p) for p in _ae_path_candidates(directory, config.ae_path))}); pass ae_path="
         )
     config.check_autoencoder(ae_config, source=str(directory / "config.json"))
-
-    with torch.device("meta"):
-        model = CalmModel(config, ae_config)
-    problems = _check_weights(model.state_dict(), calm_weights, skip_prefix="autoencoder.", name=_official_name)
-    problems += _check_weights(model.autoencoder.state_dict(), ae_weights, optional={LM_HEAD_KEY}, label=ae_label)
-    _raise_problems(directory, problems)
-    model.load_state_dict(_cast(calm_weights, dtype, device), strict=False, assign=True)
-    _assign_autoencoder(model.autoencoder, ae_weights, dtype, device)
-    assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
-    model.tokenizer = _tokenizer_for(directory, tokenizer, config.pad_token_id)
-    return model.eval().requires_grad_(False)
+    return ae_config, ae_weights, ae_label
 
 
 def default_model_path(which: str = "calm") -> Path:
@@ -140,18 +152,50 @@ def default_model_path(which: str = "calm") -> Path:
 
 
 def load_autoencoder(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+    path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
 ) -> Autoencoder:
-    """Load a standalone autoencoder checkpoint directory (config.json + weights)."""
-    directory = _existing_dir(path, "autoencoder checkpoint")
-    dtype, device = _resolve_dtype(dtype), torch.device(device)
-    config = AutoencoderConfig.from_file(directory)
-    weights = read_weights(directory)
+    """Load an autoencoder: a standalone checkpoint directory (config.json + weights), or the one a CALM checkpoint
+    directory embeds (ae_model.*, found as `load` finds it). Without a path, the shipped default model's."""
+    directory = _existing_dir(default_model_path() if path is None else path, "autoencoder checkpoint")
+    dtype, device = _resolve_dtype(dtype), resolve_device(device)
+    if is_autoencoder_checkpoint(directory):
+        config = AutoencoderConfig.from_file(directory)
+        if not _has_weights(directory):
+            raise CheckpointError(
+                f"{directory} holds an autoencoder config.json but no weights: a CALM checkpoint that points at it "
+                f"(ae_path) embeds them as ae_model.*; pass that checkpoint's directory{_calm_parent_hint(directory)}"
+            )
+        weights, label = read_weights(directory), ""
+    else:
+        from calm_engine.model.token_llama import is_token_llama_checkpoint
+
+        if is_token_llama_checkpoint(directory):
+            raise CheckpointError(f"{directory} is a token-level Llama checkpoint: it has no autoencoder")
+        calm_config = CalmConfig.from_file(directory)
+        config, weights, label = _autoencoder_parts(directory, calm_config, read_weights(directory), None)
     with torch.device("meta"):
         autoencoder = Autoencoder(config)
-    _raise_problems(directory, _check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY}))
+    _raise_problems(directory, _check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY}, label=label))
     _assign_autoencoder(autoencoder, weights, dtype, device)
     return autoencoder.eval().requires_grad_(False)
+
+
+def is_autoencoder_checkpoint(directory: Path) -> bool:
+    """Whether the directory's config.json names the official Autoencoder architecture. An unreadable config.json
+    is left to the loaders, whose errors say what is wrong with it."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    return isinstance(architectures, list) and AutoencoderConfig.ARCHITECTURE in architectures
+
+
+def _calm_parent_hint(directory: Path) -> str:
+    parent = directory.resolve().parent
+    if (parent / "config.json").is_file() and _has_weights(parent) and not is_autoencoder_checkpoint(parent):
+        return f" (here probably {parent})"
+    return ""
 
 
 def save_autoencoder(autoencoder: Autoencoder, directory: str | Path, *, safetensors: bool = True) -> None:
@@ -192,6 +236,11 @@ def save_calm(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weight files
+
+
+def _has_weights(directory: Path) -> bool:
+    names = (SAFETENSORS_FILE, PICKLE_FILE, SAFETENSORS_FILE + ".index.json", PICKLE_FILE + ".index.json")
+    return any((directory / name).is_file() for name in names)
 
 
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -331,12 +380,19 @@ def _check_weights(
             )
         elif key in expected and not tensor.is_floating_point():
             problems.append(f"tensor {label}{name(key)} has dtype {tensor.dtype}, expected a floating-point dtype")
+        elif key in expected and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            problems.append(
+                f"tensor {label}{name(key)} holds {nan:,} NaN and {inf:,} infinite values of {tensor.numel():,}"
+            )
     return problems
 
 
 def _raise_problems(directory: Path, problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise CheckpointError(f"{directory}: {problems[0]}")
     if problems:
-        raise CheckpointError(f"{directory}: weights do not match the config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{directory}: {len(problems)} problems with the weights:\n  " + "\n  ".join(problems))
 
 
 def _cast(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -399,6 +455,8 @@ def _infer_autoencoder_config(weights: dict[str, torch.Tensor], config: CalmConf
 
 def _existing_dir(path: str | Path, what: str) -> Path:
     directory = Path(path)
+    if directory.is_file():
+        raise CheckpointError(f"{directory} is a file; give the {what} directory that holds config.json")
     if not directory.is_dir():
         raise CheckpointError(f"{what} directory not found: {directory}")
     return directory
@@ -424,6 +482,25 @@ def _find_autoencoder_dir(directory: Path, config: CalmConfig, ae_path: str | Pa
         if (candidate / "config.json").is_file():
             return candidate
     return None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A CPU or an available CUDA device; anything else is refused by name."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) sees no CUDA GPU: use "
+                "device 'cpu'"
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return resolved
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -182,9 +182,8 @@ class _BackboneConfig(_JsonConfig):
         """The longest context in chunks (positions count chunks, not tokens; a token model's chunk is one token)."""
         return self.max_position_embeddings
 
-    @property
-    def rope_linear_factor(self) -> float:
-        return 1.0 if self.rope_scaling is None else float(self.rope_scaling["factor"])
+    # rope_scaling types this config accepts (see _check_rope_scaling).
+    ROPE_TYPES: tuple[str, ...] = ("linear",)
 
     def _validate_backbone(self, source: str) -> None:
         for name in (
@@ -219,7 +218,7 @@ class _BackboneConfig(_JsonConfig):
         _check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
         _check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
         _check_positive_float(source, "rope_theta", self.rope_theta)
-        _check_rope_scaling(source, self.rope_scaling)
+        _check_rope_scaling(source, self.rope_scaling, self.ROPE_TYPES)
         _check_bool(source, "attention_bias", self.attention_bias)
         _check_bool(source, "mlp_bias", self.mlp_bias)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -301,6 +300,7 @@ class TokenLlamaConfig(_BackboneConfig):
 
     ARCHITECTURE = "LlamaForCausalLM"
     MODEL_TYPE = "llama"
+    ROPE_TYPES = ("linear", "llama3")
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -356,26 +356,75 @@ class TokenLlamaConfig(_BackboneConfig):
         _check_bool(source, "tie_word_embeddings", self.tie_word_embeddings)
 
 
-def _check_rope_scaling(source: str, rope_scaling: Any) -> None:
-    """Only the scalings the official CALMConfig accepts and that a KV-cached engine can reproduce."""
+# The keys of each supported rope_scaling type besides type / rope_type.
+ROPE_SCALING_KEYS = {
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+
+
+def _check_rope_scaling(source: str, rope_scaling: Any, supported: tuple[str, ...]) -> None:
+    """The scalings a KV-cached engine can reproduce, of the types this kind of config accepts.
+
+    CALM configs take 'linear' only: the official CALMConfig (transformers 4.43) accepts 'linear' and 'dynamic' with
+    exactly the keys {type, factor}, and 'dynamic' is refused here. Token-level Llama configs also take 'llama3'
+    (Llama 3.1's frequency-dependent scaling, model/llama.py rope_inverse_frequencies)."""
     if rope_scaling is None:
         return
     if not isinstance(rope_scaling, dict):
-        raise _field_error(source, "rope_scaling", "must be null or an object {type, factor}", rope_scaling)
-    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+        raise _field_error(source, "rope_scaling", "must be null or an object {type, factor, ...}", rope_scaling)
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
     if kind == "dynamic":
         raise _field_error(
             source,
             "rope_scaling",
             "type 'dynamic' is not supported (its frequencies depend on the longest sequence the process has seen, "
-            "which a cached multi-request engine cannot reproduce); supported: null or type 'linear'",
+            f"which a cached multi-request engine cannot reproduce); supported: null or type {' or '.join(supported)}",
             rope_scaling,
         )
-    if kind != "linear":
-        raise _field_error(source, "rope_scaling", "type must be 'linear' (the only scaling implemented)", rope_scaling)
-    extra = set(rope_scaling) - {"type", "rope_type", "factor"}
+    if kind == "llama3" and kind not in supported:
+        raise _field_error(
+            source,
+            "rope_scaling",
+            "type 'llama3' is supported for token-level Llama checkpoints only (the official CALMConfig accepts "
+            "'linear' alone of the types an engine can reproduce); supported here: 'linear'",
+            rope_scaling,
+        )
+    if kind not in supported:
+        names = " or ".join(repr(t) for t in supported)
+        raise _field_error(source, "rope_scaling", f"type must be {names} (the scalings implemented)", rope_scaling)
+    if "type" in rope_scaling and "rope_type" in rope_scaling and rope_scaling["type"] != rope_scaling["rope_type"]:
+        raise _field_error(source, "rope_scaling", "has 'type' and 'rope_type' that differ", rope_scaling)
+    keys = set(rope_scaling) - {"type", "rope_type"}
+    extra, missing = keys - ROPE_SCALING_KEYS[kind], ROPE_SCALING_KEYS[kind] - keys
     if extra:
-        raise _field_error(source, "rope_scaling", f"has unknown key(s) {sorted(extra)}", rope_scaling)
-    factor = rope_scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1.0:
-        raise _field_error(source, "rope_scaling", "factor must be a number > 1", rope_scaling)
+        raise _field_error(
+            source, "rope_scaling", f"has unknown key(s) {sorted(extra)} for type {kind!r}", rope_scaling
+        )
+    if missing:
+        raise _field_error(source, "rope_scaling", f"type {kind!r} needs the key(s) {sorted(missing)}", rope_scaling)
+
+    def number(name: str) -> float | None:
+        value = rope_scaling[name]
+        return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
+
+    factor = number("factor")
+    if kind == "linear":
+        if factor is None or not factor > 1.0:
+            raise _field_error(source, "rope_scaling", "factor must be a number > 1", rope_scaling)
+        return
+    if factor is None or not math.isfinite(factor) or factor < 1.0:
+        raise _field_error(source, "rope_scaling", "factor must be a number >= 1", rope_scaling)
+    low, high = number("low_freq_factor"), number("high_freq_factor")
+    if low is None or high is None or not (0 < low < high and math.isfinite(high)):
+        raise _field_error(
+            source,
+            "rope_scaling",
+            "low_freq_factor and high_freq_factor must be numbers with 0 < low < high",
+            rope_scaling,
+        )
+    original = rope_scaling["original_max_position_embeddings"]
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise _field_error(
+            source, "rope_scaling", "original_max_position_embeddings must be an integer >= 1", rope_scaling
+        )

@@ -2,10 +2,13 @@
 
 Plain PyTorch, the reference the engine's fast paths are checked against. It computes what transformers 4.43's
 `LlamaModel` computes for the official checkpoints (names follow its state dict under the `transformer.` prefix):
-RMSNorm, rotary embeddings (half-split, float32 angles, optional linear scaling), grouped-query attention, gated MLP.
+RMSNorm, rotary embeddings (half-split, float32 angles, optional linear or Llama-3.1 scaling), grouped-query
+attention, gated MLP.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +18,37 @@ from calm_engine.model.config import CalmConfig
 from calm_engine.model.layers import GatedMLP, RMSNorm
 
 
+def rope_inverse_frequencies(head_dim: int, theta: float, rope_scaling: dict | None, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies [head_dim / 2] in float32, scaled as the config's rope_scaling says.
+
+    theta^(-2i/D); 'linear' divides each by factor; 'llama3' (Llama 3.1) divides by factor only the frequencies whose
+    wavelength 2 pi / f exceeds original_max_position_embeddings / low_freq_factor, keeps those shorter than
+    original_max_position_embeddings / high_freq_factor, and in between blends f / factor and f with weight
+    s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor) on f.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    kind = None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / float(rope_scaling["factor"])
+    if kind == "llama3":
+        factor, low, high = (float(rope_scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        original = rope_scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        blend = (original / wavelength - low) / (high - low)
+        blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        between = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(between, blended, scaled)
+    assert kind is None, f"rope_scaling type {kind!r} passed config validation"
+    return inv_freq
+
+
 def rotary_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, linear_factor: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, rope_scaling: dict | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B, T] -> cos, sin [B, T, head_dim]; angles in float32 whatever the model dtype."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents) / linear_factor
+    inv_freq = rope_inverse_frequencies(head_dim, theta, rope_scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -125,7 +153,7 @@ class LlamaBackbone(nn.Module):
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + steps, device=inputs_embeds.device).expand(batch, steps)
         cos, sin = rotary_cos_sin(
-            positions, self.config.head_dim, self.config.rope_theta, self.config.rope_linear_factor, inputs_embeds.dtype
+            positions, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, inputs_embeds.dtype
         )
         x = inputs_embeds
         for layer in self.layers:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import random
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +169,65 @@ def test_continuous_batching_equals_running_alone():
     finished, aborted = run_with_arrivals_and_aborts(engine, requests, rng, max_arrivals=6, abort_rate=0.2)
     assert len(aborted) >= 3 and {out.finish_reason for out in finished.values()} >= {"length"}
     assert_each_equals_running_alone(model, requests, finished, max_model_len=48)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "stream, use_tqdm, shown", [("terminal", True, True), ("terminal", False, False), ("pipe", True, False)]
+)
+def test_generate_shows_a_progress_bar_on_a_terminal(model, monkeypatch, stream, use_tqdm, shown):
+    stderr = FakeTerminal() if stream == "terminal" else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    llm = LLM(model, max_batch_size=3, max_model_len=64)
+    outputs = llm.generate([[5, 6, 7, 8]] * 7, SamplingParams(max_tokens=8, seed=1, ignore_eos=True), use_tqdm=use_tqdm)
+    assert len(outputs) == 7 and all(o.finished for o in outputs)
+    bar = stderr.getvalue()
+    assert ("generate: 100%" in bar and "7/7" in bar and "tok/s" in bar) if shown else bar == ""
+
+
+def test_numpy_numbers_and_tensors_are_the_prompts_and_numbers_they_hold(model):
+    llm = LLM(model, max_batch_size=2, max_model_len=64)
+    ids = [5, 6, 7, 8, 9]
+    expected = llm.generate([ids], SamplingParams(temperature=0.5, num_samples=16, max_tokens=8, seed=3))[0]
+    numpy_params = SamplingParams(
+        temperature=np.float32(0.5), num_samples=np.int64(16), max_tokens=np.int32(8), seed=np.uint8(3)
+    )
+    assert type(numpy_params.temperature) is float and type(numpy_params.seed) is int
+    for prompt in (torch.tensor(ids), np.array(ids), [np.int64(i) for i in ids], tuple(ids)):
+        (output,) = llm.generate(prompt, numpy_params)  # one prompt, not one per id
+        assert output.token_ids == expected.token_ids and output.prompt_token_ids == ids
+    rows = llm.generate(torch.tensor([ids[:4], ids[1:]]), numpy_params)  # 2-D: a prompt per row
+    assert [o.prompt_token_ids for o in rows] == [ids[:4], ids[1:]]
+
+
+def test_sample_row_bytes_matches_a_measured_step():
+    """The pool budget's estimate against the growth of resident memory during a step that samples 8,000 patches of
+    the default model, sampled from /proc by a thread in a fresh process (allocator caches make it approximate)."""
+    script = """
+import os, threading, time
+from calm_engine import LLM, SamplingParams
+from calm_engine.engine.llm_engine import sample_row_bytes
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+llm = LLM(max_batch_size=1)
+llm.generate("warm up", SamplingParams(temperature=0.5, max_tokens=4, num_samples=8, seed=0), use_tqdm=False)
+before, peak, done = resident(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], resident())
+        time.sleep(0.0005)
+watcher = threading.Thread(target=watch)
+watcher.start()
+llm.generate("The history", SamplingParams(temperature=0.5, max_tokens=4, num_samples=8000, seed=0), use_tqdm=False)
+done.set()
+watcher.join()
+print((peak[0] - before) / 8000, sample_row_bytes(llm.model))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    measured, estimate = map(float, result.stdout.split())
+    assert 0.5 * measured <= estimate <= 2.0 * measured, (measured, estimate)

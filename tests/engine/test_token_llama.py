@@ -17,11 +17,13 @@ from calm_engine.engine.model_runner import COUNTERS_PER_STEP, SamplingBatch
 from calm_engine.engine.token_runner import TokenModelRunner
 from calm_engine.model.checkpoint import CheckpointError
 from calm_engine.model.config import ConfigError, TokenLlamaConfig
+from calm_engine.model.llama import rotary_cos_sin
 from calm_engine.model.token_llama import TokenLlama, save_token_llama
 from kernels import triton_available
 from kernels.philox import uniform_noise_ref
 from tests.conftest import assert_rel_close
 from tests.engine.batching import assert_each_equals_running_alone, run_with_arrivals_and_aborts
+from tests.model.test_modules import llama3_inverse_frequencies_float64
 from tests.model_factory import random_token_llama
 from tests.stats import empirical, total_variation, tv_threshold
 
@@ -30,6 +32,16 @@ SHAPES = {
     "mha-bias": dict(num_attention_heads=2, num_key_value_heads=2, attention_bias=True, mlp_bias=True),
     "gelu-tied-rope-linear": dict(
         vocab_size=131, hidden_act="gelu", tie_word_embeddings=True, rope_scaling={"type": "linear", "factor": 2.0}
+    ),
+    # Llama 3.1's scaling; head_dim 8: one frequency kept, one blended, two scaled (tests/model/test_modules.py).
+    "rope-llama3": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 100,
+        }
     ),
 }
 REL = 2e-5  # float32 results of differently ordered but equal sums
@@ -269,7 +281,29 @@ def test_load_accepts_hugging_face_extras(tmp_path):
 def test_config_properties_the_engine_reads():
     config = TokenLlamaConfig(vocab_size=50, hidden_size=48, num_attention_heads=6, max_position_embeddings=99)
     assert (config.patch_size, config.head_dim, config.max_chunks, config.num_key_value_heads) == (1, 8, 99, 6)
-    assert config.rope_linear_factor == 1.0 and config.eos_token_ids == (2,)
+    assert config.rope_scaling is None and config.eos_token_ids == (2,)
     assert TokenLlamaConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="model_type"):
         TokenLlamaConfig.from_dict({**config.to_dict(), "model_type": "mistral"})
+
+
+def test_llama3_rope_checkpoint_loads_and_generates_as_the_reference(tmp_path):
+    """A Llama-3.1-style checkpoint (rope_type llama3) loads, its rotary angles are the formula's, and the engine
+    generates what the reference loop does; the scaling changes the model (it is not silently ignored)."""
+    model = random_token_llama(seed=9, **SHAPES["rope-llama3"])
+    save_token_llama(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
+    loaded = calm_engine.load(tmp_path)
+    head_dim, theta = loaded.config.head_dim, loaded.config.rope_theta
+    expected = llama3_inverse_frequencies_float64(head_dim, theta, SHAPES["rope-llama3"]["rope_scaling"])
+    positions = torch.arange(60)[None]
+    cos, _ = rotary_cos_sin(positions, head_dim, theta, loaded.config.rope_scaling, torch.float64)
+    angles = positions[0, :, None].double() * expected
+    assert_rel_close(cos[0, :, : head_dim // 2], angles.cos(), 1e-5, "cos")
+    prompt = [5, 9, 13, 2, 40]
+    params = SamplingParams(max_tokens=12, seed=4, ignore_eos=True)
+    output = LLM(loaded, max_batch_size=2).generate([prompt], params)[0]
+    assert output.token_ids == reference_generate(loaded, prompt, 4, 12)
+    unscaled = random_token_llama(seed=9)
+    ids = torch.randint(0, 97, (1, 60))
+    assert not torch.allclose(unscaled.hidden_states(ids)[:, -1], loaded.hidden_states(ids)[:, -1], rtol=1e-3)

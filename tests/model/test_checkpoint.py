@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import pytest
@@ -12,9 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import calm_engine
-from calm_engine.model.checkpoint import CheckpointError, read_weights, save_autoencoder, save_calm
+from calm_engine.model.checkpoint import DEFAULT_CALM, CheckpointError, read_weights, save_autoencoder, save_calm
+from calm_engine.model.token_llama import save_token_llama
 from tests.conftest import assert_rel_close, shared_path
-from tests.model_factory import random_calm_model
+from tests.model_factory import random_calm_model, random_token_llama
 
 
 def same_outputs(a, b, rel: float = 1e-6) -> None:
@@ -288,3 +290,74 @@ def test_autoencoder_that_does_not_fit_the_model(tmp_path):
     save_file(weights, tmp_path / "calm" / "model.safetensors")
     with pytest.raises(ValueError, match="'latent_size' is 8 but the autoencoder's is 10"):
         calm_engine.load(tmp_path / "calm", ae_path=tmp_path / "ae")
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "pickle"])
+def test_nan_and_inf_weights_are_refused_by_name(tmp_path, saved, safetensors):
+    """Non-finite weights would generate an empty continuation with no error: the load names every such tensor."""
+    model, path = saved
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    weights = {k: v.clone() for k, v in read_weights(path).items()}
+    weights["transformer.layers.0.self_attn.q_proj.weight"][1, :2] = float("nan")
+    weights["ae_model.decoder.norm.weight"][0] = float("-inf")
+    (broken / "pytorch_model.bin").unlink()
+    if safetensors:
+        save_file(weights, broken / "model.safetensors")
+    else:
+        torch.save(weights, broken / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as error:
+        calm_engine.load(broken)
+    message = str(error.value)
+    assert "2 problems with the weights" in message
+    assert "tensor transformer.layers.0.self_attn.q_proj.weight holds 2 NaN and 0 infinite values" in message
+    assert "tensor ae_model.decoder.norm.weight holds 0 NaN and 1 infinite values" in message
+
+
+def test_non_finite_standalone_autoencoder_and_token_llama(tmp_path):
+    autoencoder = random_calm_model(seed=5).autoencoder
+    autoencoder.encoder.hidden_to_latent.bias.data[3] = float("inf")
+    save_autoencoder(autoencoder, tmp_path / "ae")
+    with pytest.raises(CheckpointError, match=r"ae: tensor encoder\.hidden_to_latent\.bias holds 0 NaN and 1 inf"):
+        calm_engine.load_autoencoder(tmp_path / "ae")
+    llama = random_token_llama(seed=5)
+    llama.lm_head.weight.data[0, 0] = float("nan")
+    save_token_llama(llama, tmp_path / "llama")
+    with pytest.raises(CheckpointError, match=r"llama: tensor lm_head\.weight holds 1 NaN"):
+        calm_engine.load(tmp_path / "llama")
+
+
+def test_load_autoencoder_reads_the_one_a_calm_checkpoint_embeds(tmp_path, saved):
+    model, path = saved
+    ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.patch_size))
+    embedded = calm_engine.load_autoencoder(path)
+    assert torch.equal(embedded.encode(ids)[0], model.autoencoder.encode(ids)[0])
+    default = calm_engine.load_autoencoder()  # the default model's, from its ae_model.* weights
+    default_model = calm_engine.load()
+    ids = torch.randint(0, default.config.vocab_size, (1, 8))
+    assert torch.equal(default.encode(ids)[0], default_model.autoencoder.encode(ids)[0])
+    with pytest.raises(CheckpointError, match=rf"no weights: .* \(here probably {re.escape(str(DEFAULT_CALM))}\)"):
+        calm_engine.load_autoencoder(DEFAULT_CALM / "autoencoder")
+    save_token_llama(random_token_llama(seed=1), tmp_path / "llama")
+    with pytest.raises(CheckpointError, match="token-level Llama checkpoint: it has no autoencoder"):
+        calm_engine.load_autoencoder(tmp_path / "llama")
+
+
+def test_an_autoencoder_is_not_a_language_model(tmp_path):
+    save_autoencoder(random_calm_model(seed=2).autoencoder, tmp_path)
+    with pytest.raises(CheckpointError, match="is an autoencoder checkpoint .* not a language model"):
+        calm_engine.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("banana", r"device must be 'cpu' or 'cuda' \(optionally 'cuda:N'\), got 'banana'"),
+        ("meta", r"got 'meta'"),
+        ("cuda:99", r"'cuda:99'" + ("" if torch.cuda.is_available() else r" asks for CUDA, but this torch")),
+    ],
+)
+def test_bad_devices_are_named(saved, device, message):
+    _, path = saved
+    with pytest.raises(ValueError, match=message):
+        calm_engine.load(path, device=device)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from calm_engine.model.config import AutoencoderConfig, CalmConfig, ConfigError
+from calm_engine.model.config import AutoencoderConfig, CalmConfig, ConfigError, TokenLlamaConfig
 from tests.conftest import shared_path
 
 
@@ -110,3 +110,45 @@ def test_unreadable_config_files(tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
         CalmConfig.from_file(tmp_path)
+
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def test_calm_configs_refuse_llama3_rope_scaling_as_the_official_config_does():
+    with pytest.raises(ConfigError, match="'llama3' is supported for token-level Llama checkpoints only"):
+        CalmConfig.from_dict({**official_calm_dict(), "rope_scaling": LLAMA3}, source="calm.json")
+
+
+def test_token_configs_take_llama3_rope_scaling():
+    data = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100}
+    config = TokenLlamaConfig.from_dict({**data, "rope_scaling": LLAMA3})
+    assert config.rope_scaling == LLAMA3 and TokenLlamaConfig.from_dict(config.to_dict()) == config
+    TokenLlamaConfig.from_dict({**data, "rope_scaling": {**LLAMA3, "type": "llama3"}})  # both spellings, as HF writes
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"factor": 0.5}, "factor must be a number >= 1"),
+        ({"low_freq_factor": 4.0}, "0 < low < high"),
+        ({"high_freq_factor": "4"}, "0 < low < high"),
+        ({"high_freq_factor": None}, r"type 'llama3' needs the key\(s\) \['high_freq_factor'\]"),
+        ({"original_max_position_embeddings": 8192.0}, "original_max_position_embeddings must be an integer"),
+        ({"original_max_position_embeddings": None, "beta_fast": 32}, r"unknown key\(s\) \['beta_fast'\]"),
+        ({"type": "linear"}, "'type' and 'rope_type' that differ"),
+        ({"rope_type": "yarn"}, r"type must be 'linear' or 'llama3'"),
+        ({"rope_type": "dynamic"}, "'dynamic' is not supported"),
+    ],
+)
+def test_bad_llama3_rope_scaling_is_named(change, message):
+    scaling = {k: v for k, v in {**LLAMA3, **change}.items() if v is not None}
+    data = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100}
+    with pytest.raises(ConfigError, match=f"'rope_scaling'.*{message}"):
+        TokenLlamaConfig.from_dict({**data, "rope_scaling": scaling}, source="llama.json")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from calm_engine.model.llama import apply_rotary, rotary_cos_sin
+from calm_engine.model.llama import apply_rotary, rope_inverse_frequencies, rotary_cos_sin
 from tests.conftest import assert_rel_close
 from tests.model_factory import random_calm_model
 
@@ -49,7 +49,7 @@ def naive_attention_backbone(model, ids):
     x = model.compress(ids)
     batch, steps, _ = x.shape
     positions = torch.arange(steps).expand(batch, steps)
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_linear_factor, x.dtype)
+    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling, x.dtype)
     group = config.num_attention_heads // config.num_key_value_heads
     for layer in backbone.layers:
         attn, h = layer.self_attn, layer.input_layernorm(x)
@@ -75,7 +75,13 @@ def test_backbone_matches_naive_attention(shape):
 
 def test_rotary_rotates_pairs_half_apart():
     """Position p rotates the pair (x_i, x_{i+D/2}) by p * theta^(-2i/D) / factor."""
-    cos, sin = rotary_cos_sin(torch.tensor([[3]]), head_dim=8, theta=100.0, linear_factor=2.0, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(
+        torch.tensor([[3]]),
+        head_dim=8,
+        theta=100.0,
+        rope_scaling={"type": "linear", "factor": 2.0},
+        dtype=torch.float64,
+    )
     x = torch.randn(1, 1, 1, 8, dtype=torch.float64)
     out = apply_rotary(x, cos, sin)[0, 0, 0]
     for i in range(4):
@@ -146,3 +152,55 @@ def test_context_and_cache_limits():
     assert cache.length == 2  # failed calls leave the cache as it was
     with pytest.raises(ValueError, match="cache capacity must be in"):
         model.new_cache(1, capacity=context + 1)
+
+
+def llama3_inverse_frequencies_float64(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """Llama 3.1's frequency rule written out per frequency in float64 (independent of the implementation)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        frequency = theta ** (-i / head_dim)
+        wavelength = 2 * math.pi / frequency
+        if wavelength < original / high:  # high frequencies: kept
+            out.append(frequency)
+        elif wavelength > original / low:  # low frequencies: scaled like linear
+            out.append(frequency / factor)
+        else:  # in between: blended
+            weight = (original / wavelength - low) / (high - low)
+            out.append((1 - weight) * frequency / factor + weight * frequency)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+LLAMA3_CASES = {
+    # Llama-3.1-8B's config.json: head_dim 128, rope_theta 500000.
+    "llama-3.1-8b": (
+        128,
+        500000.0,
+        dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    # Small: one frequency in each regime (wavelengths 6.3 < 12.5 <= 62.8 <= 100 < 628, 6283).
+    "small": (
+        8,
+        10000.0,
+        dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=8.0, original_max_position_embeddings=100),
+    ),
+    "factor 1": (
+        16,
+        10000.0,
+        dict(factor=1.0, low_freq_factor=2.0, high_freq_factor=3.0, original_max_position_embeddings=300),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LLAMA3_CASES)
+def test_llama3_frequencies_match_the_formula_in_float64(case):
+    head_dim, theta, scaling = LLAMA3_CASES[case]
+    ours = rope_inverse_frequencies(head_dim, theta, {"rope_type": "llama3", **scaling})
+    assert ours.dtype == torch.float32
+    assert_rel_close(ours, llama3_inverse_frequencies_float64(head_dim, theta, scaling), 2e-6, case)
+    if case == "small":  # each regime present, so that the test sees all three branches
+        plain = rope_inverse_frequencies(head_dim, theta, None).double()
+        assert (ours.double() == plain).tolist() == [True, False, False, False]
+        scaled = torch.isclose(ours.double(), plain / scaling["factor"], rtol=1e-6)
+        assert scaled.tolist() == [False, False, True, True]
