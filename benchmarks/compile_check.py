@@ -9,11 +9,14 @@ JIT cache hook sees each launch after `JITFunction.run` has bound and specialise
 launcher passing what its kernel does not take fails here, as it would on a GPU) and before anything compiles or runs;
 the hook records the launch and skips it. The launchers run for real on host tensors (kernels/utils.check_launch
 accepts them under a recording driver) at three sets of shapes:
-- the kernel tests' shapes (tests/kernels/cases.py) in fp32, bf16 and fp16;
-- CALM-M shapes (benchmarks/shapes.py) in fp32, bf16 and fp16;
 - the engine's decode step, ModelRunner through the CUDA-graph runner, at every default graph bucket (a padding row
   in each bucket above 1) at T = 1 and at T = 0.5 with both samplers, on a CALM-M model with one backbone layer
-  (every layer makes the same launches) in bf16, fp16 and fp32.
+  (every layer makes the same launches) in bf16 and fp16;
+- CALM-M shapes (benchmarks/shapes.py KERNEL_SIZES) in fp32, bf16 and fp16;
+- the kernel tests' shapes (tests/kernels/cases.py) in fp32 (the rows CI runs under the interpreter) and bf16 (the
+  CUDA-only rows; fp16 differs from bf16 only in the MMA type and is compiled in the two sets above). A test launch
+  that differs from one already recorded only in tile sizes or argument divisibility is counted as covered by it
+  (the `covered` column), so every kernel, dtype and feature flag is compiled without compiling each odd size.
 Each distinct launch (triton's own key: argument types, integer and pointer divisibility, constexprs, options) is then
 compiled once per target through `JITFunction.preload`, triton's own path from a recorded specialisation to a compiled
 kernel, to PTX and to cubin with triton's bundled ptxas: registers and spills from `ptxas -v`, shared memory from the
@@ -67,7 +70,7 @@ class Launch:
     dtype: str  # the element type of the kernel's first float pointer
     plans: list[str]  # where it was launched (first few)
     decode_half: bool = False  # launched by a bf16/fp16 engine decode step
-    covered: int = 0  # test-shape launches differing from this one only in argument divisibility (not compiled)
+    covered: int = 0  # test-shape launches differing from this one only in tiles or divisibility (not compiled)
     regs: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -119,7 +122,7 @@ class Recorder:
         self.driver = RecordingDriver()
         self.launches: dict[tuple[str, str], Launch] = {}
         self.functions: dict[tuple[str, str], object] = {}  # the JITFunction and its specialisation data
-        self.groups: dict[tuple[str, str, str], Launch] = {}  # (kernel, dtype, variant) -> its first launch
+        self.families: dict[tuple[str, str, str], Launch] = {}  # (kernel, dtype, _family(variant)) -> first launch
         self.covered: set[tuple[str, str]] = set()  # launches stood for by their group's first launch
         self.plans: dict[str, int] = {}  # plan label -> launches recorded
         self.failures: list[str] = []
@@ -140,8 +143,9 @@ class Recorder:
     ) -> None:
         """Run `launch` (launcher calls) with its launches labelled; an exception is a failure of that plan.
 
-        represented: a launch with the constexprs, dtype and options of one already recorded, differing only in the
-        divisibility of its arguments, is counted as covered by that one instead of compiled again.
+        represented: a launch of the same kernel, dtype, options and feature constexprs as one already recorded,
+        differing only in tile sizes or the divisibility of its arguments, is counted as covered by that one instead
+        of compiled again (the tests' odd sizes give odd tiles; every flag combination and dtype is still compiled).
         """
         self._label, self._dtype, self._decode, self._represent = label, dtype, decode, represented
         self.plans.setdefault(label, 0)
@@ -159,14 +163,15 @@ class Recorder:
         launch = self.launches.get((name, key))
         if launch is None:
             variant, dtype = _variant(function, compile), _dtype(compile["signature"])
-            launch = self.groups.get((name, dtype, variant)) if self._represent else None
+            family = (name, dtype, _family(variant))
+            launch = self.families.get(family) if self._represent else None
             if launch is not None:
                 launch.covered += (name, key) not in self.covered
                 self.covered.add((name, key))
                 return True
             launch = Launch(name, key, variant, dtype, [])
             self.launches[(name, key)] = launch
-            self.groups.setdefault((name, dtype, variant), launch)
+            self.families.setdefault(family, launch)
             self.functions[(name, key)] = (function, compile["specialization_data"])
         if len(launch.plans) < 3 and self._label not in launch.plans:
             launch.plans.append(self._label)
@@ -205,6 +210,11 @@ def _variant(function, compile: dict) -> str:
     names = function.arg_names
     parts = [f"{names[path[0]]}={value}" for path, value in sorted(constants.items()) if len(path) == 1]
     return " ".join(parts + [f"w{compile['num_warps']}", f"s{compile['num_stages']}"])
+
+
+def _family(variant: str) -> str:
+    """A variant without its tile sizes (BLOCK*=n)."""
+    return " ".join(part for part in variant.split() if not part.startswith("BLOCK"))
 
 
 def _dtype(signature: dict) -> str:
@@ -423,6 +433,9 @@ def kernels_defined() -> set[str]:
 def run_worker(arch: int, out: Path, only: str | None) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("compile_check: the worker must run without TRITON_INTERPRET (it compiles, not interprets)")
+    import torch
+
+    torch.set_num_threads(1)  # one worker per target shares the machine's cores with the other
     recorder = Recorder(arch)
     started = time.perf_counter()
     recorder.install()
@@ -496,7 +509,8 @@ class Row:
     kernel: str
     variant: str
     dtype: str
-    keys: int = 0
+    keys: int = 0  # distinct launches compiled
+    covered: int = 0  # test-shape launches they stand for
     regs: dict = dataclasses.field(default_factory=dict)  # arch -> max registers over the row's launches
     spills: dict = dataclasses.field(default_factory=dict)  # arch -> max spill stores (bytes)
     shared: dict = dataclasses.field(default_factory=dict)  # arch -> max shared memory (bytes)
@@ -514,6 +528,7 @@ def table_rows(results: dict[int, dict]) -> list[Row]:
             row = rows.setdefault((kernel, launch.dtype, launch.variant), Row(kernel, launch.variant, launch.dtype))
             if arch == min(results):
                 row.keys += 1
+                row.covered += launch.covered
             row.decode |= launch.decode_half
             for field, value in (("regs", launch.regs), ("spills", launch.spill_stores), ("shared", launch.shared),
                                  ("seconds", launch.seconds)):  # fmt: skip
@@ -530,13 +545,14 @@ def _pair(values: dict, archs: list[int], fmt: Callable[[float], str]) -> str:
 def format_table(results: dict[int, dict], markdown: bool) -> str:
     archs = sorted(results)
     arch_names = "/".join(f"sm_{a}" for a in archs)
-    header = ["kernel", "dtype", "variant (constexprs, warps, stages)", "keys", f"registers {arch_names}",
+    header = ["kernel", "dtype", "variant (constexprs, warps, stages)", "launches", f"registers {arch_names}",
               f"spills B {arch_names}", f"shared KB {arch_names}", f"compile s {arch_names}"]  # fmt: skip
     lines = []
     for row in table_rows(results):
         name = row.kernel + (" *" if row.decode else "")
         lines.append([
-            name, row.dtype, row.variant, str(row.keys), _pair(row.regs, archs, lambda v: f"{v:d}"),
+            name, row.dtype, row.variant, f"{row.keys}" + (f" (+{row.covered})" if row.covered else ""),
+            _pair(row.regs, archs, lambda v: f"{v:d}"),
             _pair(row.spills, archs, lambda v: f"{v:d}"), _pair(row.shared, archs, lambda v: f"{v / 1024:.1f}"),
             _pair(row.seconds, archs, lambda v: f"{v:.2f}"),
         ])  # fmt: skip
@@ -577,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = run_workers(args.arch, args.kernel)
     print(format_table(results, args.markdown))
-    print("(* launched by a bf16/fp16 decode step: must not spill)")
+    print("(* launched by a bf16/fp16 decode step: must not spill. launches: distinct launch keys compiled; (+n):")
+    print(" test-shape launches differing from them only in tiles or divisibility. compile s: the row's slowest.)")
     print(summary(results))
     if args.json is not None:
         args.json.write_text(json.dumps({str(arch): result for arch, result in results.items()}, indent=1))

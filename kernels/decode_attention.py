@@ -10,7 +10,7 @@ import torch
 
 from kernels.utils import MIN_TILE, check_float, check_int, check_launch, dot_precision, jit, next_pow2, tl
 
-BLOCK_N = 64  # cache positions per loop step
+BLOCK_N = 64  # cache positions per loop step (half precision; fp32 takes half) and the split granularity
 MIN_SPLIT = 256  # positions per split at least: shorter splits cost more in the merge than they save
 MAX_SPLITS = 16  # the merge holds all of a head's splits in one [MAX_SPLITS, head_dim] tile
 TARGET_PROGRAMS = 4 * 132  # about four programs per SM of an H100/H200
@@ -171,6 +171,9 @@ def decode_attention(
     num_splits, split_len = split_plan(batch, kv_heads, capacity, num_splits)
     group = heads // kv_heads
     block_d = max(MIN_TILE, next_pow2(dim))
+    # fp32 runs IEEE dots on FMA units, which hold their operands in registers: 64 positions x 128 dims spilled
+    # 0.5-11 KB (ptxas, sm_80/sm_90); 32 positions over 8 warps none. Split lengths stay multiples of BLOCK_N.
+    block_n, warps = (BLOCK_N // 2, 8) if q.dtype == torch.float32 else (BLOCK_N, 4)
     if num_splits > 1:
         part_out = torch.empty(batch, heads, num_splits, dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
@@ -180,8 +183,8 @@ def decode_attention(
         q, k_cache, v_cache, slots, lengths, out, part_out, part_lse,
         scale * LOG2_E, heads, capacity, dim, split_len, num_splits,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(MIN_TILE, next_pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-        SPLIT=num_splits > 1, PRECISION=dot_precision(q.dtype), num_warps=4,
+        GROUP=group, BLOCK_G=max(MIN_TILE, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=num_splits > 1, PRECISION=dot_precision(q.dtype), num_warps=warps,
     )  # fmt: skip
     if num_splits > 1:
         _decode_attention_reduce_kernel[(batch, heads)](

@@ -33,6 +33,7 @@ ATTENTION_SHAPES = {
     "gqa4-d20": (4, 8, 2, 20, 5, 129),
     "gqa2-d32-long": (1, 4, 2, 32, 2, 600),  # batch 1 over >= 512 positions: the launcher splits by itself
     "gqa20-d16": (2, 40, 2, 16, 3, 90),  # 20 query heads per kv head: more than one 16-row tensor-core tile
+    "gqa8-d128": (2, 16, 2, 128, 2, 150),  # Llama-style 128-wide heads (device_check times this head size)
 }
 ATTENTION_SPLITS = [1, 3, None]
 
