@@ -4,11 +4,13 @@
     python benchmarks/compile_check.py --markdown      # the table as benchmarks/RESULTS.md keeps it
     python benchmarks/compile_check.py --json FILE     # also every launch's figures
 
-How it works without a GPU: a stub triton driver reports the target (`GPUTarget("cuda", 90, 32)` or 80), and triton's
-JIT cache hook sees each launch after `JITFunction.run` has bound and specialised the launcher's arguments (so a
-launcher passing what its kernel does not take fails here, as it would on a GPU) and before anything compiles or runs;
-the hook records the launch and skips it. The launchers run for real on host tensors (kernels/utils.check_launch
-accepts them under a recording driver) at three sets of shapes:
+How it works without a GPU: `triton.runtime.driver` uses the one backend driver that reports itself active (the CUDA
+driver only when torch sees a device: here none, so any launch would raise); `driver.set_active` puts a stub in its
+place, `JITFunction` asks the active driver for the target and `make_backend` picks the NVIDIA backend from it. The
+stub reports `GPUTarget("cuda", 90, 32)` (or 80), and triton's JIT cache hook sees each launch after `JITFunction.run`
+has bound and specialised the launcher's arguments (so a launcher passing what its kernel does not take fails here, as
+it would on a GPU) and before anything compiles or runs; the hook records the launch and skips it. The launchers run
+for real on host tensors (kernels/utils.check_launch accepts them under a recording driver) at three sets of shapes:
 - the engine's decode step, ModelRunner through the CUDA-graph runner, at every default graph bucket (a padding row
   in each bucket above 1) at T = 1 and at T = 0.5 with both samplers, on a CALM-M model with one backbone layer
   (every layer makes the same launches) in bf16 and fp16;
