@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ has no package: make `kernels` and `tests` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.shapes import KERNEL_SIZES  # noqa: E402
 from kernels import ae_decode, ae_encode, decode_attention, energy_head, philox, rms_norm, swiglu  # noqa: E402
 from tests.conftest import max_rel_error  # noqa: E402
 from tests.model_factory import random_calm_model  # noqa: E402
@@ -31,11 +32,6 @@ CALM_M = dict(
     ae=dict(hidden_size=512, intermediate_size=1280),
 )  # fmt: skip
 
-# Sizes: "cpu" keeps every torch reference under about a second on a 2-core machine; "calm-m" is the real thing.
-SIZES = {
-    "cpu": dict(head_rows=1, samples=200, decode_rows=8, encode_rows=64, batch=8, context=1024, noise_rows=64),
-    "calm-m": dict(head_rows=8, samples=200, decode_rows=200, encode_rows=1024, batch=64, context=4096, noise_rows=64),
-}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}
 
 
@@ -72,7 +68,7 @@ def _params(module: torch.nn.Module) -> int:
 
 
 def noise_case(device, dtype, size):
-    rows, samples = SIZES[size]["noise_rows"], SIZES[size]["samples"]
+    rows, samples = KERNEL_SIZES[size]["noise_rows"], KERNEL_SIZES[size]["samples"]
     seeds = torch.arange(rows, device=device) * 7919 + 2**33
     steps = torch.full((rows,), 11, device=device)
     expected = philox.uniform_noise_ref(seeds.cpu(), steps.cpu(), samples, 64)
@@ -91,7 +87,7 @@ def noise_case(device, dtype, size):
 
 def energy_head_case(device, dtype, size):
     head = calm_m_model(device, dtype).generative_head
-    rows, samples = SIZES[size]["head_rows"], SIZES[size]["samples"]
+    rows, samples = KERNEL_SIZES[size]["head_rows"], KERNEL_SIZES[size]["samples"]
     hidden = torch.randn(rows, 1024, device=device, dtype=dtype)
     seeds, steps = torch.arange(rows, device=device) + 5, torch.zeros(rows, device=device, dtype=torch.int64)
     noise = philox.uniform_noise_ref(seeds.cpu(), steps.cpu(), samples, 64).to(device)
@@ -114,7 +110,7 @@ def energy_head_case(device, dtype, size):
 
 def decode_argmax_case(device, dtype, size):
     decoder = calm_m_model(device, dtype).autoencoder.decoder
-    rows = SIZES[size]["decode_rows"]
+    rows = KERNEL_SIZES[size]["decode_rows"]
     latents = torch.randn(rows, 128, device=device, dtype=dtype)
     mlp_macs = rows * (128 * 512 + 3 * 512 * 1280 + 512 * 2048 + 4 * 3 * 512 * 1280)
     flops = 2 * (mlp_macs + rows * 4 * 128256 * 512)
@@ -138,7 +134,7 @@ def decode_argmax_case(device, dtype, size):
 
 def ae_encode_case(device, dtype, size):
     encoder = calm_m_model(device, dtype).autoencoder.encoder
-    rows = SIZES[size]["encode_rows"]
+    rows = KERNEL_SIZES[size]["encode_rows"]
     ids = torch.randint(0, 128256, (rows, 4), device=device)
     macs = rows * (4 * 3 * 512 * 1280 + 2048 * 512 + 3 * 512 * 1280 + 512 * 256)
     element = torch.finfo(dtype).bits // 8
@@ -158,7 +154,7 @@ def ae_encode_case(device, dtype, size):
 def compress_case(device, dtype, size):
     model = calm_m_model(device, dtype)
     table = model.backbone.embed_tokens.weight
-    rows = SIZES[size]["batch"]
+    rows = KERNEL_SIZES[size]["batch"]
     ids = torch.randint(0, 128256, (rows, 4), device=device)
     element = table.element_size()
     traffic = (_params(model.embed_proj) + rows * 4 * 1024) * element
@@ -175,7 +171,7 @@ def compress_case(device, dtype, size):
 
 
 def decode_attention_case(device, dtype, size):
-    batch, context = SIZES[size]["batch"], SIZES[size]["context"]
+    batch, context = KERNEL_SIZES[size]["batch"], KERNEL_SIZES[size]["context"]
     heads, dim = 16, 64
     q = torch.randn(batch, heads, dim, device=device, dtype=dtype)
     k = torch.randn(batch, heads, context, dim, device=device, dtype=dtype)
@@ -197,7 +193,7 @@ def decode_attention_case(device, dtype, size):
 
 
 def rms_norm_case(device, dtype, size):
-    x = torch.randn(SIZES[size]["batch"], 1024, device=device, dtype=dtype)
+    x = torch.randn(KERNEL_SIZES[size]["batch"], 1024, device=device, dtype=dtype)
     weight = torch.randn(1024, device=device, dtype=dtype)
 
     def check():
@@ -210,7 +206,7 @@ def rms_norm_case(device, dtype, size):
 
 
 def swiglu_case(device, dtype, size):
-    gate = torch.randn(SIZES[size]["batch"], 2752, device=device, dtype=dtype)
+    gate = torch.randn(KERNEL_SIZES[size]["batch"], 2752, device=device, dtype=dtype)
     up = torch.randn_like(gate)
 
     def check():

@@ -70,6 +70,14 @@ CALM_M = {
     "autoencoder": dict(hidden_size=512, intermediate_size=1280, num_encoder_layers=2, num_decoder_layers=2),
 }
 
+# Row counts the kernels are checked and timed at (kernel_cases.py, compile_check.py): "cpu" keeps every torch
+# reference under about a second on a 2-core machine; "calm-m" is the real thing (a decode step of 8 rows x 200 head
+# samples, 200 latents decoded, a 4k-token prompt encoded, 64 rows attending over 4096 positions).
+KERNEL_SIZES = {
+    "cpu": dict(head_rows=1, samples=200, decode_rows=8, encode_rows=64, batch=8, context=1024, noise_rows=64),
+    "calm-m": dict(head_rows=8, samples=200, decode_rows=200, encode_rows=1024, batch=64, context=4096, noise_rows=64),
+}
+
 # A token model's positions count tokens: the same 8,192-token context as a K = 4 CALM model of MAX_CHUNKS.
 MAX_TOKENS = 4 * MAX_CHUNKS
 BACKBONE_FIELDS = (

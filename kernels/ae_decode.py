@@ -11,14 +11,15 @@ import torch
 from calm_engine.model.autoencoder import Decoder
 from kernels.fused_linear import fused_linear
 from kernels.rms_norm import rms_norm
-from kernels.utils import check_float, check_launch, dot_precision, jit, next_pow2, tl
+from kernels.utils import check_float, check_launch, check_tile, dot_depth, dot_precision, jit, next_pow2, tl
 
 BLOCK_V = 128
-BLOCK_D = 64
 TARGET_PROGRAMS = 4 * 132  # about four programs per SM of an H100/H200: enough to hide the tile loop's latency
+REDUCE_BLOCK_M = 32
+REDUCE_BLOCK_S = 32
 
 
-@jit
+@jit(do_not_specialize=("M", "tiles_per_split"))
 def _argmax_projection_kernel(
     h_ptr, e_ptr, part_val_ptr, part_idx_ptr, M, V, D, stride_hm, stride_ev, tiles_per_split,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -55,21 +56,29 @@ def _argmax_projection_kernel(
     tl.store(part_idx_ptr + split * M + rows, best_idx, mask=row_mask)
 
 
-@jit
+@jit(do_not_specialize=("M", "SPLITS"))
 def _argmax_reduce_kernel(
-    part_val_ptr, part_idx_ptr, val_ptr, idx_ptr, M, SPLITS, V, BLOCK_M: tl.constexpr, SPLITS_P2: tl.constexpr
-):
+    part_val_ptr, part_idx_ptr, val_ptr, idx_ptr, M, SPLITS, V, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr
+):  # fmt: skip
+    """Max and first argmax over the splits' partial results [SPLITS, M], BLOCK_S splits per step."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    splits = tl.arange(0, SPLITS_P2)
-    mask = (rows < M)[:, None] & (splits < SPLITS)[None, :]
-    offs = splits[None, :] * M + rows[:, None]
-    vals = tl.load(part_val_ptr + offs, mask=mask, other=float("-inf"))
-    idx = tl.load(part_idx_ptr + offs, mask=mask, other=V)
-    best = tl.max(vals, axis=1)
-    # Splits cover increasing vocabulary ranges, so the smallest index among equal maxima is torch's choice.
-    arg = tl.min(tl.where(vals == best[:, None], idx, V), axis=1)
-    tl.store(val_ptr + rows, best, mask=rows < M)
-    tl.store(idx_ptr + rows, arg.to(tl.int64), mask=rows < M)
+    row_mask = rows < M
+    s = tl.arange(0, BLOCK_S)
+    best_val = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    best_idx = tl.full([BLOCK_M], V, dtype=tl.int32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        mask = row_mask[:, None] & (s0 + s < SPLITS)[None, :]
+        offs = (s0 + s)[None, :].to(tl.int64) * M + rows[:, None]
+        vals = tl.load(part_val_ptr + offs, mask=mask, other=float("-inf"))
+        idx = tl.load(part_idx_ptr + offs, mask=mask, other=V)
+        step_val = tl.max(vals, axis=1)
+        step_idx = tl.min(tl.where(vals == step_val[:, None], idx, V), axis=1)
+        # Ties go to the smallest index, torch.argmax's choice, whichever split step they come from.
+        better = (step_val > best_val) | ((step_val == best_val) & (step_idx < best_idx))
+        best_idx = tl.where(better, step_idx, best_idx)
+        best_val = tl.where(better, step_val, best_val)
+    tl.store(val_ptr + rows, best_val, mask=row_mask)
+    tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
 
 
 def project_argmax(
@@ -78,13 +87,21 @@ def project_argmax(
     """h [M, D] (already normed), embedding [V, D] -> (argmax ids int64 [M], max logit float32 [M]) of h @ E^T."""
     m, d = h.shape
     v = embedding.shape[0]
+    # fp32 runs IEEE dots on FMA units, whose operands live in registers: 64-row x 128-column tiles spilled 24 B
+    # (sm_90), 64 x 64 over 3 stages 8-48 B; 32 x 64 over 2 stages none on sm_80 and sm_90.
+    fp32 = h.dtype == torch.float32
+    block_v, stages = (BLOCK_V // 2, 2) if fp32 else (BLOCK_V, 3)
+    if block_m is None:
+        block_m = min(32 if fp32 else 64, max(16, next_pow2(m)))
+    check_tile("project_argmax", "block_m", block_m)
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"project_argmax: splits must be a positive int, got {splits!r}")
     ids = torch.empty(m, device=h.device, dtype=torch.int64)
     val = torch.empty(m, device=h.device, dtype=torch.float32)
     if m == 0:
         return ids, val
     check_launch(_argmax_projection_kernel, "decode_argmax", h, embedding)
-    block_m = block_m or min(64, max(16, next_pow2(m)))
-    row_tiles, v_tiles = -(-m // block_m), -(-v // BLOCK_V)
+    row_tiles, v_tiles = -(-m // block_m), -(-v // block_v)
     if splits is None:
         splits = max(1, min(v_tiles, -(-TARGET_PROGRAMS // row_tiles)))
     tiles_per_split = -(-v_tiles // splits)
@@ -93,10 +110,13 @@ def project_argmax(
     part_idx = torch.empty(splits, m, device=h.device, dtype=torch.int32)
     _argmax_projection_kernel[(row_tiles, splits)](
         h, embedding, part_val, part_idx, m, v, d, h.stride(0), embedding.stride(0), tiles_per_split,
-        PRECISION=dot_precision(h.dtype), BLOCK_M=block_m, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, num_warps=8,
+        PRECISION=dot_precision(h.dtype), BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=dot_depth(h.dtype), num_warps=8,
+        num_stages=stages,
     )  # fmt: skip
-    _argmax_reduce_kernel[(-(-m // 32),)](
-        part_val, part_idx, val, ids, m, splits, v, BLOCK_M=32, SPLITS_P2=next_pow2(splits), num_warps=1
+    # Rows x splits per step: a [32, 32] tile over 4 warps is 8 partials per thread, whatever the split count (one
+    # [32, 512] tile on one warp at batch 1 spilled 20 KB and took 9-21 s to compile).
+    _argmax_reduce_kernel[(-(-m // REDUCE_BLOCK_M),)](
+        part_val, part_idx, val, ids, m, splits, v, BLOCK_M=REDUCE_BLOCK_M, BLOCK_S=REDUCE_BLOCK_S, num_warps=4
     )
     return ids, val
 

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import check_float, check_int, check_launch, jit, next_pow2, tl
+from kernels.utils import MIN_TILE, check_float, check_int, check_launch, dot_precision, jit, next_pow2, tl
 
-BLOCK_N = 64  # cache positions per loop step
+BLOCK_N = 64  # cache positions per loop step (half precision; fp32 takes half) and the split granularity
 MIN_SPLIT = 256  # positions per split at least: shorter splits cost more in the merge than they save
+MAX_SPLITS = 16  # the merge holds all of a head's splits in one [MAX_SPLITS, head_dim] tile
 TARGET_PROGRAMS = 4 * 132  # about four programs per SM of an H100/H200
+LOG2_E = 1.4426950408889634
 
 
-@jit
+@jit(do_not_specialize=("split_len", "num_splits"))
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale, H, C, D, split_len, num_splits,
+    scale_log2, H, C, D, split_len, num_splits,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_kc, stride_vs, stride_vh, stride_vc, stride_ob, stride_oh,
-    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """One (row, kv head, split): the GROUP query heads of the kv head, padded to BLOCK_G >= 16 rows for tl.dot.
+
+    QK^T and PV run on tensor cores (half precision; fp32 as IEEE FMA dots), and the K/V tile loads feed the dots,
+    so triton software-pipelines them (cp.async) across the loop. The softmax runs in base 2 on scale * log2(e)
+    scaled scores; the split path stores each split's output and its log2-sum-exp2 for the merge.
+    """
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -29,53 +38,53 @@ def _decode_attention_kernel(
     length = tl.minimum(tl.load(lengths_ptr + row).to(tl.int32), C)
     length = tl.where(slot < 0, 0, length)  # slot -1: a padding row of a CUDA-graph batch, reads nothing
     slot = tl.maximum(slot, 0)
-    g = tl.arange(0, GROUP_P2)
+    g = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUP + g
     g_mask = g < GROUP
     d = tl.arange(0, BLOCK_D)
     d_mask = d < D
     q_mask = g_mask[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
-    q = q.to(tl.float32) * scale
     k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
 
     start = split * split_len
     end = tl.minimum(start + split_len, length)
-    m_i = tl.full([GROUP_P2], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_P2], dtype=tl.float32)
-    acc = tl.zeros([GROUP_P2, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_mask = pos < end
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_kc + d[None, :], mask=kv_mask, other=0.0)
-        # GROUP query heads against BLOCK_N keys on CUDA cores: decode is bandwidth-bound (GROUP FLOP per byte).
-        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
         scores = tl.where(p_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + pos[:, None].to(tl.int64) * stride_vc + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     has = l_i > 0
     result = acc / tl.where(has, l_i, 1.0)[:, None]  # an empty row or split gives 0
     if SPLIT:
         part = (row * H + heads).to(tl.int64) * num_splits + split
         tl.store(part_out_ptr + part[:, None] * D + d[None, :], result, mask=q_mask)
-        tl.store(part_lse_ptr + part, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf")), mask=g_mask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=g_mask)
     else:
         ptrs = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(ptrs, result.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-@jit
+@jit(do_not_specialize=("num_splits",))
 def _decode_attention_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, H, D, num_splits, stride_ob, stride_oh,
     SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Merge one (row, head)'s splits: weights 2^(lse_s - max lse), normalised."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
@@ -84,8 +93,8 @@ def _decode_attention_reduce_kernel(
     base = (row * H + head).to(tl.int64) * num_splits
     lse = tl.load(part_lse_ptr + base + splits, mask=s_mask, other=float("-inf"))
     top = tl.max(lse, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # all splits empty: every weight is exp(-inf) = 0
-    weights = tl.exp(lse - top)
+    top = tl.where(top == float("-inf"), 0.0, top)  # all splits empty: every weight is 2^-inf = 0
+    weights = tl.exp2(lse - top)
     total = tl.sum(weights, axis=0)
     weights = weights / tl.where(total > 0, total, 1.0)
     parts = tl.load(
@@ -116,6 +125,20 @@ def _check(q, k_cache, v_cache, slots, lengths) -> None:
     check_int("decode_attention", "lengths", lengths, (batch,))
 
 
+def split_plan(batch: int, kv_heads: int, capacity: int, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, positions per split) over a cache of `capacity` positions: by default enough splits for about
+    TARGET_PROGRAMS programs, each at least MIN_SPLIT long, at most MAX_SPLITS; split lengths are whole BLOCK_N steps.
+    Static shapes only, so a CUDA graph captures the same plan whatever the rows' lengths."""
+    if num_splits is None:
+        wanted = -(-TARGET_PROGRAMS // (batch * kv_heads))
+        num_splits = max(1, min(wanted, -(-capacity // MIN_SPLIT), MAX_SPLITS))
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"decode_attention: num_splits must be an int from 1 to {MAX_SPLITS}, got {num_splits!r}")
+    split_len = -(-capacity // num_splits)
+    split_len = -(-split_len // BLOCK_N) * BLOCK_N
+    return -(-capacity // split_len), split_len
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -132,7 +155,8 @@ def decode_attention(
     or length 0 gives zeros (CUDA-graph padding). Lengths above C are clamped to C. The split count depends only on
     the static shapes (B, KVH, C), never on the device-resident lengths, so the launch is graph-capturable.
     Floors at CALM-M, B = 64 rows x 4096 positions, 16 heads x 64, bf16: K and V = 2 * 64 * 4096 * 16 * 64 * 2 B
-    = 1.07 GB / 4.8 TB/s = 224 us per layer; 4 FLOP per element read = 1.1 GFLOP, far below the matmul ceiling.
+    = 1.07 GB / 4.8 TB/s = 224 us per layer; 4 FLOP per element read = 1.1 GFLOP (17 GFLOP as issued: the one query
+    head of each kv head is padded to 16 tensor-core rows), far below the 990 TFLOP/s matmul ceiling.
     """
     _check(q, k_cache, v_cache, slots, lengths)
     batch, heads, dim = q.shape
@@ -144,14 +168,12 @@ def decode_attention(
     if batch == 0:
         return out
     check_launch(_decode_attention_kernel, "decode_attention", q, k_cache, v_cache, slots, lengths, out)
-    if num_splits is None:
-        wanted = -(-TARGET_PROGRAMS // (batch * kv_heads))
-        num_splits = max(1, min(wanted, -(-capacity // MIN_SPLIT)))
-    split_len = -(-capacity // num_splits)
-    split_len = -(-split_len // BLOCK_N) * BLOCK_N
-    num_splits = -(-capacity // split_len)
+    num_splits, split_len = split_plan(batch, kv_heads, capacity, num_splits)
     group = heads // kv_heads
-    block_d = next_pow2(dim)
+    block_d = max(MIN_TILE, next_pow2(dim))
+    # fp32 runs IEEE dots on FMA units, which hold their operands in registers: 64 positions x 128 dims spilled
+    # 0.5-11 KB (ptxas, sm_80/sm_90); 32 positions over 8 warps none. Split lengths stay multiples of BLOCK_N.
+    block_n, warps = (BLOCK_N // 2, 8) if q.dtype == torch.float32 else (BLOCK_N, 4)
     if num_splits > 1:
         part_out = torch.empty(batch, heads, num_splits, dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
@@ -159,10 +181,10 @@ def decode_attention(
         part_out = part_lse = out
     _decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, slots, lengths, out, part_out, part_lse,
-        scale, heads, capacity, dim, split_len, num_splits,
+        scale * LOG2_E, heads, capacity, dim, split_len, num_splits,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
-        GROUP=group, GROUP_P2=next_pow2(group), BLOCK_N=BLOCK_N, BLOCK_D=block_d, SPLIT=num_splits > 1,
-        num_warps=4,
+        GROUP=group, BLOCK_G=max(MIN_TILE, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=num_splits > 1, PRECISION=dot_precision(q.dtype), num_warps=warps,
     )  # fmt: skip
     if num_splits > 1:
         _decode_attention_reduce_kernel[(batch, heads)](

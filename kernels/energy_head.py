@@ -12,7 +12,7 @@ import torch
 from calm_engine.model.energy_head import EnergyHead
 from kernels.fused_linear import fused_linear
 from kernels.philox import philox_uniform
-from kernels.utils import check_float, check_int, check_launch, dot_precision, jit, next_pow2, tl
+from kernels.utils import check_float, check_int, check_launch, dot_precision, dot_warps, jit, next_pow2, tl
 
 
 @jit
@@ -23,7 +23,7 @@ def _embed_tile(noise, w_ptr, b_ptr, cols, n_mask, j, j_mask, stride_wn, PRECISI
     return tl.dot(noise, w, input_precision=PRECISION) + bias[None, :]
 
 
-@jit
+@jit(do_not_specialize=("M", "samples"))
 def _noise_embed_kernel(
     seeds_ptr, steps_ptr, w_ptr, b_ptr, lnw_ptr, lnb_ptr, out_ptr,
     M, samples, H, NOISE, stride_wn, stride_om, eps,
@@ -122,13 +122,18 @@ def energy_head(
         return out
     check_launch(_noise_embed_kernel, "energy_head", hidden, seeds, steps, out)
     x = torch.empty(m, size, device=hidden.device, dtype=hidden.dtype)
-    block_m, block_n = min(64, max(16, next_pow2(m))), min(64, max(16, next_pow2(size)))
+    # The noise GEMM is NOISE deep (64 at CALM-M) in one tl.dot. As IEEE fp32 FMA dots, a 64 x 64 tile held 13 KB of
+    # spills (ptxas, sm_90); 32 x 32 over 8 warps holds none. Tensor-core dtypes keep 64 x 64 tiles.
+    fp32 = hidden.dtype == torch.float32
+    tile = 32 if fp32 else 64
+    block_m, block_n = min(tile, max(16, next_pow2(m))), min(tile, max(16, next_pow2(size)))
     emb = head.noise_embd
     _noise_embed_kernel[(-(-m // block_m),)](
         seeds, steps, emb.weight, emb.bias, head.norm_noise.weight, head.norm_noise.bias, x,
         m, samples, size, noise_size, emb.weight.stride(0), x.stride(0), head.norm_noise.eps,
         PRECISION=dot_precision(hidden.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        NOISE_P2=max(16, next_pow2(noise_size)), num_warps=4, enable_fp_fusion=False,
+        NOISE_P2=max(16, next_pow2(noise_size)), num_warps=8 if fp32 else dot_warps(block_m, block_n),
+        enable_fp_fusion=False,
     )  # fmt: skip
 
     condition = fused_linear(hidden, head.hidden_embd.weight, head.hidden_embd.bias)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import check_float, check_launch, dot_precision, jit, next_pow2, tl
+from kernels.utils import check_float, check_launch, check_tile, dot_depth, dot_precision, dot_warps, jit, next_pow2, tl
 
 NORMS = {None: 0, "layer": 1, "rms": 2}
 ACTIVATIONS = {None: 0, "silu": 1}
@@ -27,7 +27,7 @@ def _load_a(a_ptr, ids_ptr, rows, cols, row_mask, col_mask, stride_am, ids_per_r
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
-@jit
+@jit(do_not_specialize=("M", "rows_per_group"))
 def _fused_linear_kernel(
     a_ptr, ids_ptr, w_ptr, wup_ptr, bias_ptr, bup_ptr, row_bias_ptr, res_ptr, nw_ptr, nb_ptr, out_ptr,
     M, N, K, stride_am, stride_wn, stride_wupn, stride_rbm, stride_rm, stride_om,
@@ -102,9 +102,12 @@ def _fused_linear_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def pick_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """GEMM tiles: rows up to 64 (decode batches are small), 64 output columns, 64-deep K; 16 minimum (tl.dot)."""
-    return min(64, max(16, next_pow2(m))), min(64, max(16, next_pow2(n))), min(64, max(16, next_pow2(k)))
+def pick_blocks(m: int, n: int, k: int, dtype: torch.dtype, gated: bool = False) -> tuple[int, int, int]:
+    """GEMM tiles: rows up to 64 (decode batches are small), 64 output columns, K as deep as the dtype's dots take
+    (dot_depth), half that when gated (two weight tiles per step: 64 deep spilled 64 B on sm_80 at unaligned
+    shapes); 16 minimum (tl.dot)."""
+    depth = max(16, dot_depth(dtype) // (2 if gated else 1))
+    return min(64, max(16, next_pow2(m))), min(64, max(16, next_pow2(n))), min(depth, max(16, next_pow2(k)))
 
 
 def _check_matrix(what: str, t: torch.Tensor, rows: int | None, cols: int | None) -> None:
@@ -176,12 +179,18 @@ def fused_linear(
         raise ValueError(f"fused_linear: norm={norm!r} needs norm_weight (and norm_bias for 'layer')")
     if (bias is None) != (up_bias is None) and up_weight is not None:
         raise ValueError("fused_linear: bias and up_bias must be given together")
+    if blocks is None:
+        blocks = pick_blocks(m, n, k, weight.dtype, gated=up_weight is not None)
+    elif isinstance(blocks, tuple) and len(blocks) == 3:
+        blocks = tuple(check_tile("fused_linear", f"blocks[{i}]", b) for i, b in enumerate(blocks))
+    else:
+        raise ValueError(f"fused_linear: blocks must be a (block_m, block_n, block_k) tuple, got {blocks!r}")
     if out is None:
         out = torch.empty(m, n, device=weight.device, dtype=a.dtype)
     if m == 0:
         return out
     check_launch(_fused_linear_kernel, "fused_linear", a, weight, out)
-    block_m, block_n, block_k = blocks or pick_blocks(m, n, k)
+    block_m, block_n, block_k = blocks
     dummy = out
     grid = (-(-m // block_m), -(-n // block_n))
     _fused_linear_kernel[grid](
@@ -194,7 +203,8 @@ def fused_linear(
         rows_per_group, 1 if gather_ids is None else gather_ids.shape[1], k if gather_ids is None else a.shape[1], eps,
         NORM=NORMS[norm], GATHER=gather_ids is not None, HAS_BIAS=bias is not None, HAS_ROW_BIAS=row_bias is not None,
         GATED=up_weight is not None, ACT=ACTIVATIONS[activation], HAS_RES=residual is not None,
-        PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=dot_warps(block_m, block_n),
     )  # fmt: skip
     return out
 

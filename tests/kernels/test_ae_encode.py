@@ -7,19 +7,18 @@ import torch
 
 from kernels.ae_encode import ae_encode, ae_encode_ref, compress, compress_ref
 from tests.conftest import assert_rel_close
+from tests.kernels.cases import AE_MODELS, AE_ROWS
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned
 from tests.model_factory import random_calm_model
 
 pytestmark = needs_triton
 
-MODELS = {"k4-v300": dict(vocab_size=300), "k2-v1031": dict(vocab_size=1031, patch_size=2, latent_size=13)}
 
-
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("rows", [1, 6, 37])
+@pytest.mark.parametrize("model_name", list(AE_MODELS))
+@pytest.mark.parametrize("rows", AE_ROWS)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_encode_matches_reference(model_name, rows, dtype, rel):
-    model = random_calm_model(4, **MODELS[model_name]).to(DEVICE, dtype)
+    model = random_calm_model(4, **AE_MODELS[model_name]).to(DEVICE, dtype)
     config = model.autoencoder.config
     ids = torch.randint(0, config.vocab_size, (rows, config.patch_size), device=DEVICE)
     mean, log_std = ae_encode(model.autoencoder.encoder, ids)
@@ -30,11 +29,11 @@ def test_encode_matches_reference(model_name, rows, dtype, rel):
     assert_rel_close(ref_mean, whole_mean[0], 1e-6, "reference vs Autoencoder.encode")
 
 
-@pytest.mark.parametrize("model_name", list(MODELS))
-@pytest.mark.parametrize("rows", [1, 6, 37])
+@pytest.mark.parametrize("model_name", list(AE_MODELS))
+@pytest.mark.parametrize("rows", AE_ROWS)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_compress_matches_reference(model_name, rows, dtype, rel):
-    model = random_calm_model(6, **MODELS[model_name]).to(DEVICE, dtype)
+    model = random_calm_model(6, **AE_MODELS[model_name]).to(DEVICE, dtype)
     table = model.backbone.embed_tokens.weight
     ids = torch.randint(0, table.shape[0], (rows, model.config.patch_size), device=DEVICE)
     out = compress(model.embed_proj, table, ids, out=poisoned(rows, table.shape[1], dtype=dtype))

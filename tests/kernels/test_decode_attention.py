@@ -6,38 +6,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.decode_attention import MAX_SPLITS, decode_attention, decode_attention_ref, split_plan
 from tests.conftest import assert_rel_close
+from tests.kernels.cases import ATTENTION_SHAPES, ATTENTION_SPLITS, attention_inputs
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned
 
 pytestmark = needs_triton
 
-SHAPES = {  # batch, heads, kv heads, head dim, slots, capacity
-    "gqa3-d24": (5, 6, 2, 24, 4, 300),
-    "mha-d16": (3, 3, 3, 16, 3, 70),
-    "gqa4-d20": (4, 8, 2, 20, 5, 129),
-}
-
 
 def _inputs(shape, dtype):
-    batch, heads, kv_heads, dim, slots, capacity = shape
-    q = torch.randn(batch, heads, dim).to(DEVICE, dtype)
-    # Caches are one layer of a bigger [layers, ...] allocation, as an engine keeps them: not contiguous per layer.
-    k_all = torch.randn(slots, 2, kv_heads, capacity, dim).to(DEVICE, dtype)
-    v_all = torch.randn(slots, 2, kv_heads, capacity, dim).to(DEVICE, dtype)
-    slot_ids = torch.randperm(slots)[:batch]
-    slot_ids = torch.cat((slot_ids, torch.zeros(batch - len(slot_ids), dtype=torch.long)))
-    lengths = torch.randint(1, capacity + 1, (batch,))
-    lengths[0] = capacity
-    lengths[-1] = 1
-    return q, k_all[:, 1], v_all[:, 1], slot_ids.to(DEVICE), lengths.to(DEVICE)
+    return attention_inputs(ATTENTION_SHAPES[shape], dtype, DEVICE)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
+@pytest.mark.parametrize("num_splits", ATTENTION_SPLITS)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_matches_reference(shape, num_splits, dtype, rel):
-    q, k, v, slots, lengths = _inputs(SHAPES[shape], dtype)
+    q, k, v, slots, lengths = _inputs(shape, dtype)
     out = decode_attention(q, k, v, slots, lengths, 0.37, out=poisoned(*q.shape, dtype=dtype), num_splits=num_splits)
     ref = decode_attention_ref(q, k, v, slots, lengths, 0.37)
     assert_rel_close(out, ref, rel, "attention")
@@ -46,7 +31,7 @@ def test_matches_reference(shape, num_splits, dtype, rel):
 
 
 def test_reference_matches_sdpa():
-    q, k, v, slots, lengths = _inputs(SHAPES["gqa3-d24"], torch.float32)
+    q, k, v, slots, lengths = _inputs("gqa3-d24", torch.float32)
     ref = decode_attention_ref(q, k, v, slots, lengths, 0.2)
     for b in range(q.shape[0]):
         keys = k[slots[b], :, : lengths[b]].repeat_interleave(3, dim=0)
@@ -57,7 +42,7 @@ def test_reference_matches_sdpa():
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_padding_rows_give_zeros(num_splits):
-    q, k, v, slots, lengths = _inputs(SHAPES["gqa3-d24"], torch.float32)
+    q, k, v, slots, lengths = _inputs("gqa3-d24", torch.float32)
     slots[1] = -1  # a CUDA-graph padding row
     lengths[2] = 0
     out = decode_attention(q, k, v, slots, lengths, 0.3, out=poisoned(*q.shape), num_splits=num_splits)
@@ -65,11 +50,25 @@ def test_padding_rows_give_zeros(num_splits):
     assert_rel_close(out, decode_attention_ref(q, k, v, slots, lengths, 0.3), 2e-5, "attention")
 
 
+def test_split_plan():
+    """The split path is what most real decode steps take: small batches over long caches split by themselves."""
+    assert split_plan(1, 2, 600) == (3, 256)  # ATTENTION_SHAPES["gqa2-d32-long"] with num_splits=None
+    assert split_plan(1, 16, 2048) == (8, 256)  # CALM-M at batch 1 over a full 2,048-chunk cache
+    assert split_plan(64, 16, 2048) == (1, 2048)  # a full batch fills the GPU without splitting
+    assert split_plan(1, 1, 1 << 16)[0] == MAX_SPLITS
+    assert split_plan(5, 2, 300, 3) == (3, 128)
+    splits, length = split_plan(3, 1, 1000, 7)
+    assert length % 64 == 0 and (splits - 1) * length < 1000 <= splits * length
+
+
 def test_validation():
-    q, k, v, slots, lengths = _inputs(SHAPES["gqa3-d24"], torch.float32)
+    q, k, v, slots, lengths = _inputs("gqa3-d24", torch.float32)
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(q[:, :5], k, v, slots, lengths, 1.0)
     with pytest.raises(ValueError, match="slots"):
         decode_attention(q, k, v, slots[:2], lengths, 1.0)
     with pytest.raises(ValueError, match="head dim"):
         decode_attention(q[..., :8], k, v, slots, lengths, 1.0)
+    for bad in (0, MAX_SPLITS + 1, 2.0, True):
+        with pytest.raises(ValueError, match="num_splits"):
+            decode_attention(q, k, v, slots, lengths, 1.0, num_splits=bad)

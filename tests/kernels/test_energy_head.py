@@ -8,24 +8,20 @@ import torch
 from kernels.energy_head import energy_head, energy_head_ref
 from kernels.philox import uniform_noise_ref
 from tests.conftest import assert_rel_close
+from tests.kernels.cases import HEAD_ROWS_SAMPLES, HEAD_SHAPES
 from tests.kernels.conftest import DEVICE, DTYPES, cuda_only, needs_triton, poisoned
 from tests.model_factory import random_calm_model
 
 pytestmark = needs_triton
 
-SHAPES = {  # odd hidden and noise sizes, 2 and 3 blocks, a latent not a power of two
-    "h40-n6-l8": dict(calm=dict(hidden_size=40, noise_size=6)),
-    "h72-n20-l11": dict(calm=dict(hidden_size=72, noise_size=20, num_mlp_layers=3), latent_size=11),
-}
-
 
 def _head(shape, dtype):
-    model = random_calm_model(3, **SHAPES[shape])
+    model = random_calm_model(3, **HEAD_SHAPES[shape])
     return model.generative_head.to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("rows, samples", [(1, 1), (3, 7), (2, 19)])
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
+@pytest.mark.parametrize("rows, samples", HEAD_ROWS_SAMPLES)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_matches_reference_with_the_same_noise(shape, rows, samples, dtype, rel):
     head = _head(shape, dtype)
@@ -49,7 +45,7 @@ def test_samples_differ_and_rows_are_independent_of_the_batch():
 
 
 @cuda_only
-@pytest.mark.parametrize("dtype, rel", [(torch.bfloat16, 4e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("dtype, rel", [(torch.bfloat16, 4e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
 def test_calm_m_shapes(dtype, rel):
     model = random_calm_model(1, calm=dict(hidden_size=1024, noise_size=64, num_mlp_layers=4), latent_size=128)
     head = model.generative_head.to(DEVICE, dtype)

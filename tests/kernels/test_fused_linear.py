@@ -7,42 +7,17 @@ import torch
 
 from kernels.fused_linear import fused_linear, fused_linear_ref
 from tests.conftest import assert_rel_close
+from tests.kernels.cases import LINEAR_CASES, LINEAR_SIZES, linear_inputs
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned
 
 pytestmark = needs_triton
 
-CASES = {
-    "plain": dict(),
-    "bias-silu": dict(bias=True, activation="silu"),
-    "layernorm-rowbias-silu": dict(norm="layer", row_bias=5, activation="silu"),
-    "rms-gated": dict(norm="rms", bias=True, gated=True),
-    "residual": dict(bias=True, residual=True),
-}
 
-
-def _inputs(m, n, k, dtype, bias=False, norm=None, gated=False, row_bias=None, residual=False, activation=None):
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape) * scale).to(DEVICE, dtype)
-
-    weight = rand(2 * n, k, scale=k**-0.5)
-    kwargs = dict(activation=activation, norm=norm)
-    args = (rand(m, k), weight[:n], rand(n) if bias else None)  # a row-strided weight view, as the heads pass
-    if norm:
-        kwargs.update(norm_weight=rand(k, scale=0.1) + 1, norm_bias=rand(k, scale=0.1) if norm == "layer" else None)
-    if gated:
-        kwargs.update(up_weight=weight[n:], up_bias=rand(n) if bias else None)
-    if row_bias:
-        kwargs.update(row_bias=rand(-(-m // row_bias), n), rows_per_group=row_bias)
-    if residual:
-        kwargs.update(residual=rand(m, n))
-    return args, kwargs
-
-
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("m, n, k, blocks", [(37, 45, 70, (16, 16, 16)), (3, 19, 23, None), (70, 33, 130, None)])
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+@pytest.mark.parametrize("m, n, k, blocks", LINEAR_SIZES)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_matches_reference(case, m, n, k, blocks, dtype, rel):
-    args, kwargs = _inputs(m, n, k, dtype, **CASES[case])
+    args, kwargs = linear_inputs(m, n, k, dtype, DEVICE, **LINEAR_CASES[case])
     out = fused_linear(*args, out=poisoned(m, n, dtype=dtype), blocks=blocks, **kwargs)
     assert_rel_close(out, fused_linear_ref(*args, **kwargs), rel, case)
 
@@ -76,3 +51,8 @@ def test_validation():
         fused_linear(a, weight, norm="layer", norm_weight=torch.ones(8))
     with pytest.raises(ValueError, match="dtype|float"):
         fused_linear(a.long(), weight)
+    for bad in ((8, 16, 16), (16, 24, 16), (16, 16, 512)):  # below 16 breaks tl.dot on hardware
+        with pytest.raises(ValueError, match=r"blocks\[\d\] must be a power of two from 16"):
+            fused_linear(a, weight, blocks=bad)
+    with pytest.raises(ValueError, match="blocks must be a"):
+        fused_linear(a, weight, blocks=(16, 16))

@@ -9,12 +9,13 @@ from calm_engine.model.layers import RMSNorm
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.swiglu import swiglu, swiglu_ref
 from tests.conftest import assert_rel_close
+from tests.kernels.cases import RMS_NORM_SHAPES, SWIGLU_SHAPES
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned
 
 pytestmark = needs_triton
 
 
-@pytest.mark.parametrize("shape", [(3, 37), (2, 5, 123), (1, 1030)])
+@pytest.mark.parametrize("shape", RMS_NORM_SHAPES)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_rms_norm(shape, dtype, rel):
     module = RMSNorm(shape[-1], 1e-5).to(DEVICE, dtype)
@@ -25,7 +26,7 @@ def test_rms_norm(shape, dtype, rel):
     assert_rel_close(rms_norm_ref(x, module.weight, 1e-5), module(x), 0.0, "reference")
 
 
-@pytest.mark.parametrize("shape", [(3, 37), (5, 1031), (2, 3, 700)])
+@pytest.mark.parametrize("shape", SWIGLU_SHAPES)
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_swiglu(shape, dtype, rel):
     gate, up = (torch.randn(shape) * 2).to(DEVICE, dtype), torch.randn(shape).to(DEVICE, dtype)

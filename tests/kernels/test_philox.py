@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.philox import philox4x32_ref, uniform_noise, uniform_noise_ref
+from tests.kernels.cases import NOISE_SIZES, PHILOX_SEEDS
 from tests.kernels.conftest import DEVICE, needs_triton, poisoned
 
 # Philox4x32-10 known answers of the Random123 distribution (kat_vectors): (counter, key) -> output.
@@ -18,8 +19,6 @@ KNOWN_ANSWERS = [
         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
     ),
 ]
-
-SEEDS = [0, 1, 2**32, 2**32 + 5, 2**63 - 1, -1, -(2**63), 0x5DEECE66D, -123456789012345]
 
 
 def _philox_scalar(counter, key, rounds=10):
@@ -71,13 +70,13 @@ def test_reference_is_the_documented_element_mapping():
 
 
 @needs_triton
-@pytest.mark.parametrize("samples, dim", [(1, 1), (13, 7), (200, 6), (3, 1031)])
+@pytest.mark.parametrize("samples, dim", NOISE_SIZES)
 def test_kernel_matches_reference_bitwise(samples, dim):
-    seeds = torch.tensor(SEEDS, device=DEVICE)
+    seeds = torch.tensor(PHILOX_SEEDS, device=DEVICE)
     steps = torch.tensor([0, 1, 7, 2**31, 2**32 + 3, 5, 123456, 9, 0], device=DEVICE)
-    out = uniform_noise(seeds, steps, samples, dim, out=poisoned(len(SEEDS), samples, dim))
+    out = uniform_noise(seeds, steps, samples, dim, out=poisoned(len(PHILOX_SEEDS), samples, dim))
     expected = uniform_noise_ref(seeds.cpu(), steps.cpu(), samples, dim)
-    assert out.shape == (len(SEEDS), samples, dim) and out.dtype == torch.float32
+    assert out.shape == (len(PHILOX_SEEDS), samples, dim) and out.dtype == torch.float32
     assert torch.equal(out.cpu().view(torch.int32), expected.view(torch.int32))
     assert out.min() >= -0.5 and out.max() < 0.5
 
