@@ -161,7 +161,7 @@ class CompletionService:
                     400,
                     f"max_tokens={body.max_tokens} is more than the context leaves: {self.max_model_len} tokens "
                     f"({self.capacity} chunks of K={self.patch_size}), the prompt{f' {p}' if len(prompts) > 1 else ''}"
-                    f" takes {len(ids)}, which leaves room for {room} generated tokens",
+                    f" takes {len(ids)} tokens, which leaves room for {room} generated tokens",
                     param="max_tokens",
                     code="context_length_exceeded",
                 )

@@ -61,7 +61,7 @@ class CompletionRequest(BaseModel):
     def _stop_list(cls, value):
         stops = [value] if isinstance(value, str) else [] if value is None else value
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+            raise ValueError("must be a non-empty string or a list of non-empty strings")
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         return stops
@@ -80,7 +80,7 @@ def normalize_prompt(value) -> list[str | list[int]]:
         return [value]
     if isinstance(value, list):
         if not value:
-            raise ValueError("prompt is an empty list: give at least one prompt")
+            raise ValueError("an empty list: give at least one prompt")
         if all(isinstance(p, str) for p in value):
             return list(value)
         if all(is_id(t) for t in value):
@@ -88,12 +88,18 @@ def normalize_prompt(value) -> list[str | list[int]]:
         if all(is_ids(p) for p in value):
             return [list(p) for p in value]
         if any(isinstance(p, list) and not p for p in value):
-            raise ValueError("prompt holds an empty list of token ids")
-    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids")
+            raise ValueError("holds an empty list of token ids")
+    raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists of token ids")
 
 
 def unsupported_fields(request: CompletionRequest) -> None:
     """400 for every OpenAI field this model cannot honour at a non-neutral value, saying why."""
+    if request.temperature == 0:
+        message = (
+            f"temperature=0 (greedy decoding) needs the most likely token, and {NO_LOGITS}: use a small temperature "
+            "such as 0.1 (the sampler then draws num_samples >= 10 head samples per step)"
+        )
+        raise APIError(400, message, param="temperature")
     if request.logprobs is not None:
         raise APIError(400, f"logprobs is not supported: {NO_LOGITS}", param="logprobs")
     if request.logit_bias not in (None, {}):

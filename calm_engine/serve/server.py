@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -99,12 +100,10 @@ def serve(llm: LLM, config: ServeConfig, host: str = "127.0.0.1", port: int = 80
     return 0 if server.started else 1
 
 
-def main(args) -> int:
-    """`calm serve` with the parsed command line (cli.py)."""
-    import os
-
-    api_key = args.api_key if args.api_key is not None else os.environ.get("CALM_API_KEY") or None
-    config = ServeConfig(
+def config_from_args(args, environ=os.environ) -> ServeConfig:
+    """The ServeConfig of a `calm serve` command line; --api-key wins over CALM_API_KEY."""
+    api_key = args.api_key if args.api_key is not None else environ.get("CALM_API_KEY") or None
+    return ServeConfig(
         model_id=args.served_model_name or (args.model if args.model is not None else DEFAULT_MODEL_ID),
         api_key=api_key,
         max_waiting=args.max_waiting,
@@ -112,6 +111,11 @@ def main(args) -> int:
         max_num_samples=args.max_num_samples,
         shutdown_timeout=args.shutdown_timeout,
     )
+
+
+def main(args) -> int:
+    """`calm serve` with the parsed command line (cli.py)."""
+    config = config_from_args(args)
     llm = LLM(
         args.model,
         device=args.device,
