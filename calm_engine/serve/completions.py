@@ -9,7 +9,6 @@ request reproduces whether streamed or not and whatever else runs, and choice i 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -212,8 +211,8 @@ class CompletionService:
 
     # ---- engine outputs -> answers ----------------------------------------------------------------------------
 
-    async def _next(self, handle: RequestHandle, job: Job) -> dict[int, list[str | None]]:
-        """Wait for outputs, take all that are queued; returns {choice index: [text delta, finish reason]}."""
+    async def _next(self, handle: RequestHandle, job: Job) -> dict[int, list]:
+        """Wait for outputs, take all that are queued; returns {choice index: [text delta, finish reason, steps]}."""
         items = [await handle.outputs.get()]
         while not handle.outputs.empty():
             items.append(handle.outputs.get_nowait())
@@ -226,7 +225,8 @@ class CompletionService:
                 raise item
             for output in item:
                 choice = job.by_request_id[output.request_id]
-                update = updates.setdefault(choice.index, ["", None])
+                update = updates.setdefault(choice.index, ["", None, 0])
+                update[2] += 1
                 if output.finish_reason != "abort":  # an abort carries no ids: the choice keeps what it had
                     choice.tokens = len(output.token_ids)
                 if not output.finished:
@@ -257,28 +257,31 @@ class CompletionService:
         return JSONResponse(body)
 
     async def _stream(self, handle: RequestHandle, job: Job, echo: bool, include_usage: bool):
-        def event(choices: list[dict], usage_: dict | None = None) -> str:
-            chunk = protocol.completion_chunk(
-                job.completion_id, job.created, self.config.model_id, choices, include_usage, usage_
-            )
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
+        """One event per choice and step, or per `stream_interval` steps (the first text and the end at once)."""
+        encoder = protocol.ChunkEncoder(job.completion_id, job.created, self.config.model_id, include_usage)
+        interval = self.config.stream_interval
+        held: dict[int, list] = {c.index: ["", 0, False] for c in job.choices}  # text, steps, any text sent
         try:
             if echo:
-                yield "".join(event([protocol.completion_choice(c.index, c.prompt_text, None)]) for c in job.choices)
+                yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices)
             while job.unfinished:
                 try:
                     updates = await self._next(handle, job)
                 except EngineFailed as error:
-                    yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
+                    yield f"data: {protocol.to_json({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
                     return
-                yield "".join(
-                    event([protocol.completion_choice(index, text, reason)])
-                    for index, (text, reason) in updates.items()
-                    if text or reason
-                )
+                events = []
+                for index, (text, reason, steps) in updates.items():
+                    pending = held[index]
+                    pending[0] += text
+                    pending[1] += steps
+                    if reason is not None or (pending[0] and (pending[1] >= interval or not pending[2])):
+                        events.append(encoder.choice(index, pending[0], reason))
+                        pending[:] = ["", 0, pending[2] or bool(pending[0])]
+                if events:
+                    yield "".join(events)
             if include_usage:
-                yield event([], job.usage())
+                yield encoder.usage(job.usage())
             yield "data: [DONE]\n\n"
         finally:
             self._finish(handle, job)

@@ -6,6 +6,7 @@ them gets a 400 saying why instead of a silently different behaviour.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -161,6 +162,35 @@ def completion_chunk(
     if with_usage:  # stream_options.include_usage: null on every chunk but the last, which has no choices
         chunk["usage"] = usage_
     return chunk
+
+
+def to_json(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChunkEncoder:
+    """The `data:` events of one streamed completion, as to_json(completion_chunk(...)) writes them: the parts that
+    do not change are encoded once, and each event fills in one choice's index, text and finish reason (a chunk is
+    encoded for every step of every stream, so this is the server's hottest serialisation)."""
+
+    _SLOTS = ("\u0000index", "\u0000text", "\u0000reason")
+
+    def __init__(self, completion_id: str, created: int, model: str, with_usage: bool):
+        self._head = (completion_id, created, model, with_usage)
+        choice = completion_choice(*self._SLOTS)
+        text = to_json(completion_chunk(completion_id, created, model, [choice], with_usage))
+        for slot in self._SLOTS:
+            text = text.replace(to_json(slot), "\u0000")
+        self._parts = text.split("\u0000")
+        assert len(self._parts) == 4, "a sentinel appeared in the completion id or the model name"
+
+    def choice(self, index: int, text: str, finish_reason: str | None) -> str:
+        p = self._parts
+        reason = "null" if finish_reason is None else to_json(finish_reason)
+        return f"data: {p[0]}{index}{p[1]}{to_json(text)}{p[2]}{reason}{p[3]}\n\n"
+
+    def usage(self, usage_: dict) -> str:
+        return f"data: {to_json(completion_chunk(*self._head[:3], [], True, usage_))}\n\n"
 
 
 def model_card(model_id: str, created: int, max_model_len: int) -> dict:
