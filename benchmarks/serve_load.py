@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from calm_engine import LLM, SamplingParams  # noqa: E402
-from calm_engine.serve.server import engine_threads  # noqa: E402
 
 PROMPTS = ["The history of the city", "To be, or not to be", "The module provides", "Enter the king"]
 MODEL = "calm-default"
@@ -179,7 +178,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="offline and server runs alternate; medians")
     parser.add_argument("--stream-interval", type=int, default=1)
-    parser.add_argument("--server-threads", type=int, default=engine_threads(None, "cpu"))
+    parser.add_argument("--server-threads", type=int, default=torch.get_num_threads(), help="calm serve --threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     default_threads = torch.get_num_threads()

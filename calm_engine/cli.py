@@ -187,7 +187,7 @@ def add_serve_arguments(serve_cmd: argparse.ArgumentParser) -> None:
     serve_cmd.add_argument("--max-waiting", type=int, default=256, help="requests queued for a slot before 503s")
     serve_cmd.add_argument("--max-num-samples", type=int, default=4096, help="largest num_samples a request may ask")
     serve_cmd.add_argument("--max-body-size", type=int, default=1 << 20, help="bytes; larger bodies get 413")
-    serve_cmd.add_argument("--threads", type=int, default=None, help="engine threads (CPU default: all cores but one)")
+    serve_cmd.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     serve_cmd.add_argument("--stream-interval", type=int, default=1, help="engine steps per streamed event")
     serve_cmd.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests")
     serve_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

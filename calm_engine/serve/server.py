@@ -115,22 +115,13 @@ def config_from_args(args, environ=os.environ) -> ServeConfig:
     )
 
 
-def engine_threads(requested: int | None, device: str) -> int:
-    """Torch threads for the engine. On CPU one core is left to the HTTP event loop by default: with the engine on
-    every core, each streamed chunk's work stalls a step (2 cores, 64 streams: 15.4k tok/s with one engine thread,
-    8.1k with two; benchmarks/RESULTS.md)."""
-    if requested is not None:
-        if requested < 1:
-            raise ValueError(f"--threads must be >= 1, got {requested}")
-        return requested
-    default = torch.get_num_threads()
-    return default if device != "cpu" else max(1, min(default, (os.cpu_count() or 2) - 1))
-
-
 def main(args) -> int:
     """`calm serve` with the parsed command line (cli.py)."""
     config = config_from_args(args)
-    torch.set_num_threads(engine_threads(args.threads, args.device))
+    if args.threads is not None:  # torch's default otherwise; benchmarks/RESULTS.md compares 1 and 2 on 2 cores
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     llm = LLM(
         args.model,
         device=args.device,

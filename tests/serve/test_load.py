@@ -15,8 +15,7 @@ import time
 
 import openai
 
-from calm_engine import SamplingParams
-from tests.serve.conftest import normal_request
+from tests.serve.conftest import generate_alone, normal_request
 
 REQUESTS = int(os.environ.get("CALM_SERVE_LOAD_REQUESTS", "200"))
 CLIENTS = 64
@@ -55,17 +54,15 @@ def make_requests(count: int) -> list[dict]:
 
 def reference(llm, request: dict) -> list:
     """Each choice of `request` run alone through LLM.generate (choice j has seed + j)."""
-    outputs = []
-    for j in range(request.get("n", 1)):
-        params = SamplingParams(
-            temperature=request.get("temperature", 1.0),
-            max_tokens=request["max_tokens"],
-            seed=request["seed"] + j,
-            num_samples=request.get("num_samples", 200),
-            stop=tuple(request.get("stop", ())),
-        )
-        outputs.append(llm.generate([request["prompt"]], params)[0])
-    return outputs
+    params = {
+        "temperature": request.get("temperature", 1.0),
+        "max_tokens": request["max_tokens"],
+        "num_samples": request.get("num_samples", 200),
+        "stop": tuple(request.get("stop", ())),
+    }
+    return [
+        generate_alone(llm, request["prompt"], seed=request["seed"] + j, **params) for j in range(request.get("n", 1))
+    ]
 
 
 async def run_one(client: openai.AsyncOpenAI, request: dict, disconnect: bool) -> dict:
