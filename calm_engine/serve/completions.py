@@ -64,6 +64,7 @@ class Job:
     choices: list[Choice]
     by_request_id: dict[str, Choice] = field(default_factory=dict)
     first_output: float | None = None
+    closed: bool = False
 
     def __post_init__(self):
         self.by_request_id = {c.request_id: c for c in self.choices}
@@ -113,8 +114,7 @@ class CompletionService:
         self.metrics.prompt_tokens.inc(job.prompt_tokens)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = self._stream(handle, job, body.echo, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return EventStream(self._stream(handle, job, body.echo, include_usage), lambda: self._finish(handle, job))
         return await self._collect(handle, job, http)
 
     # ---- request -> engine requests ---------------------------------------------------------------------------
@@ -295,7 +295,10 @@ class CompletionService:
             raise error
 
     def _finish(self, handle: RequestHandle, job: Job) -> None:
-        """Abort what is left (the client went away) and log the request's line."""
+        """Abort what is left (the client went away) and log the request's line; once per request."""
+        if job.closed:
+            return
+        job.closed = True
         unfinished = job.unfinished
         if unfinished:
             self.loop.abort(unfinished)
@@ -311,6 +314,22 @@ class CompletionService:
             (now - job.arrived) * 1e3,
             reasons,
         )
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` however the response ends: a disconnect noticed before the first
+    event can cancel the response before its generator first runs, and then the generator's own `finally` never
+    does, so it alone cannot be relied on to abort the request."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 async def _wait_for_disconnect(http: Request) -> None:

@@ -3,7 +3,9 @@ on a server with one KV slot, one waiting place and an API key from CALM_API_KEY
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import time
 
 import httpx
@@ -111,6 +113,24 @@ def test_full_queue_gets_503_and_disconnects_free_their_slot(small_server):
     samples = small_server.wait_idle()
     assert samples["calm_requests_running"] == samples["calm_requests_waiting"] == samples["calm_kv_slots_used"] == 0
     assert samples['calm_requests_finished_total{reason="abort"}'] >= 2
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_gone_before_the_answer_is_aborted(small_server, stream):
+    before = small_server.metrics().get('calm_requests_finished_total{reason="abort"}', 0)
+    body = json.dumps({**SLOW, "stream": stream}).encode()
+    with socket.create_connection(("127.0.0.1", int(small_server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )  # and leave at once, before any answer
+    deadline = time.monotonic() + 10
+    while small_server.metrics().get('calm_requests_finished_total{reason="abort"}', 0) < before + 1:
+        assert time.monotonic() < deadline, "the request of a client that left was not aborted"
+        time.sleep(0.01)
+    assert small_server.wait_idle()["calm_kv_slots_used"] == 0
 
 
 def test_non_streaming_disconnect_aborts(small_server):
