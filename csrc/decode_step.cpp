@@ -304,18 +304,18 @@ class DecodeStep {
       packed_bf16_ = std::make_unique<calm_cpu::PackedBf16Projection>(screen_.weight_bf16, screen_.vocab, screen_.in,
                                                                       group);
     screen_.packed = packed_bf16_.get();
-    if (packed_bf16_ && (packed_kind_ == calm_cpu::ScreenProducts::kAmx || screen_.gemm == nullptr)) {
+    if (packed_bf16_ && (packed_kind_ != calm_cpu::ScreenProducts::kDpbf16 || screen_.gemm == nullptr)) {
       screen_.weight_bf16 = nullptr;  // never read again
       screen_bf16_ = py::array_t<uint16_t, py::array::c_style>();
     }
     screening_ = true;
   }
 
-  // Where the screen's products come from at `rows` rows: AMX tiles at any row count; vdpbf16ps or the widened
-  // kernel up to kPackedScreenRows rows, above on MKL's GEMM (where torch exports it).
+  // Where the screen's products come from at `rows` rows: AMX tiles and the widened kernel at any row count;
+  // vdpbf16ps up to kPackedScreenRows rows, above on MKL's GEMM (where torch exports it).
   calm_cpu::ScreenProducts screen_products(int rows) const {
     if (!packed_bf16_) return calm_cpu::ScreenProducts::kGemm;
-    if (packed_kind_ == calm_cpu::ScreenProducts::kAmx || rows <= kPackedScreenRows || screen_.gemm == nullptr)
+    if (packed_kind_ != calm_cpu::ScreenProducts::kDpbf16 || rows <= kPackedScreenRows || screen_.gemm == nullptr)
       return packed_kind_;
     return calm_cpu::ScreenProducts::kGemm;
   }
@@ -584,11 +584,14 @@ class DecodeStep {
   calm_cpu::SetThreadsLocal set_threads_;
   calm_cpu::Isa isa_;
   const calm_cpu::StepKernels& kernels_;
-  // With AMX the screen always runs from packed_bf16_ on tiles. Without, it runs there (AVX512-BF16, or widened to
-  // float32 at avx2 / avx512) up to this many rows and on MKL's GEMM above, which repacks the weight per call but
-  // multiplies faster. Measured with the tile kernel off: small shape, 2 threads, whole steps with one or the other,
-  // packed / MKL: 8 rows 0.69-0.73 / 0.73-0.75 ms, 16 rows 0.95-0.98 / 0.89-0.91 ms; at 4 rows the screen's share
-  // of the step fell from 0.21 to 0.08 ms.
+  // With AMX the screen always runs from packed_bf16_ on tiles, and at avx2 / avx512 on the widened kernel: there
+  // MKL's bfloat16 GEMM has no bfloat16 arithmetic to use. Unscreened over screened step time, small shape, 2 threads,
+  // MKL restricted to the level: AVX2 batch 8 1.05-1.11x with the widened kernel at every row count, 0.94x with MKL's
+  // GEMM above 8 rows (batch 32 1.01x, batch 64 0.99x widened); AVX-512F batch 8 1.18x and 0.81x. With AVX512-BF16
+  // the screen runs from packed_bf16_ up to this many rows and on MKL's GEMM above, which repacks the weight per call
+  // but multiplies faster. Measured with the tile kernel off: small shape, 2 threads, whole steps with one or the
+  // other, packed / MKL: 8 rows 0.69-0.73 / 0.73-0.75 ms, 16 rows 0.95-0.98 / 0.89-0.91 ms; at 4 rows the screen's
+  // share of the step fell from 0.21 to 0.08 ms.
   static constexpr int kPackedScreenRows = 8;
   static constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds a hand-over costs more than it saves
   static constexpr int64_t kSplitAttention = 1 << 13;  // the same for attention, whose scalar loops cost more per madd

@@ -13,9 +13,9 @@ of the weights, each read as one stream (csrc/packed_linear.h), and its attentio
 
 The vocabulary argmax can go through a bfloat16 screen with a rigorous error bound and float32 recomputation of the
 ids it leaves (csrc/vocab_screen.h): the float32 argmax, computed mostly in bfloat16. The step keeps a bfloat16 copy
-of the projection's weight for it (half the weight's size) and, from "avx2" up, a packed one read by the level's
-kernel: AMX tiles at "amx" (every row count), vdpbf16ps at "avx512_bf16", float32 fused multiply-adds on the
-widened bfloat16 values at "avx2" and "avx512"; larger row counts go to MKL's bfloat16 GEMM (where torch exports it).
+of the projection's weight for it (half the weight's size): from "avx2" up packed for the level's kernel, AMX tiles
+at "amx", vdpbf16ps at "avx512_bf16" (up to 8 rows, MKL's bfloat16 GEMM above), float32 fused multiply-adds on the
+widened bfloat16 values at "avx2" and "avx512"; at "generic" MKL's bfloat16 GEMM, where torch exports it.
 """
 
 from __future__ import annotations
