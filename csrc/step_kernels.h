@@ -40,6 +40,15 @@ inline void prefetch_span(const void* p, int bytes) {
   for (int b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
 }
 
+// Row r0 of block i when `rows` are split into as few blocks of at most `most` as can be, as evenly as can be: 8 rows
+// at most 6 run as 4 + 4, whose 8 accumulator chains each keep both FMA units busy, not as 6 + 2, whose second block
+// has 4. Block i covers rows block_start(i) .. block_start(i + 1) - 1.
+struct RowBlocks {
+  int rows, count;
+  RowBlocks(int rows, int most) : rows(rows), count((rows + most - 1) / most) {}
+  int start(int i) const { return static_cast<int>(static_cast<int64_t>(i) * rows / count); }
+};
+
 // Rows 0..R-1 of x against one packed group (2 kLanes outputs, `cols` of them valid, from column c0 of y).
 template <class V, int R>
 void packed_tile(const float* w, int in, const float* x, int ldx, float* y, int ldy, int c0, int cols,
@@ -87,9 +96,12 @@ void packed_linear(const PackedLinear& w, const float* bias, const float* x, int
                    int g0, int g1, bool accumulate) {
   for (int g = g0; g < g1; ++g) {
     const int c0 = g * w.width(), cols = w.out() - c0 < w.width() ? w.out() - c0 : w.width();
-    for (int r0 = 0; r0 < rows; r0 += V::kRowBlock)
-      packed_rows<V, V::kRowBlock>(rows - r0, w.group(g), w.in(), x + static_cast<size_t>(r0) * ldx, ldx,
-                                   y + static_cast<size_t>(r0) * ldy, ldy, c0, cols, bias, accumulate);
+    const RowBlocks blocks(rows, V::kRowBlock);
+    for (int i = 0; i < blocks.count; ++i) {
+      const int r0 = blocks.start(i);
+      packed_rows<V, V::kRowBlock>(blocks.start(i + 1) - r0, w.group(g), w.in(), x + static_cast<size_t>(r0) * ldx,
+                                   ldx, y + static_cast<size_t>(r0) * ldy, ldy, c0, cols, bias, accumulate);
+    }
   }
 }
 
@@ -232,9 +244,13 @@ void widened_scores(const PackedBf16Projection& w, const float* x, int rows, int
   for (int c = 0; c < n; c += group) {
     const uint16_t* packed = w.group((c0 + c) / group);
     const int cols = n - c < group ? n - c : group;
-    for (int r0 = 0; r0 < rows; r0 += V::kScreenRowBlock)
-      widened_rows<V, V::kScreenRowBlock>(rows - r0, packed, w.pairs(), x + static_cast<size_t>(r0) * ldx, ldx,
+    const RowBlocks blocks(rows, V::kScreenRowBlock);
+    for (int i = 0; i < blocks.count; ++i) {
+      const int r0 = blocks.start(i);
+      widened_rows<V, V::kScreenRowBlock>(blocks.start(i + 1) - r0, packed, w.pairs(),
+                                          x + static_cast<size_t>(r0) * ldx, ldx,
                                           scores + static_cast<size_t>(r0) * n + c, n, cols);
+    }
   }
 }
 

@@ -240,6 +240,7 @@ def test_unknown_or_unsupported_levels_are_clear_errors(monkeypatch):
         LLM(model, max_batch_size=2, max_model_len=16, cpu_isa="AVX2")
     # a CPU with AVX2 only, as far as the step can tell
     monkeypatch.setattr(cpu_step, "supported_isas", lambda: ("generic", "avx2"))
+    monkeypatch.delenv(cpu_step.ISA_ENV, raising=False)
     with pytest.raises(ValueError, match=r"cpu_isa='amx': this CPU does not run that level; it runs generic, avx2"):
         LLM(model, max_batch_size=2, max_model_len=16, cpu_isa="amx")
     assert cpu_step.resolve_isa() == "avx2"
