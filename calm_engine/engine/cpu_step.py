@@ -251,7 +251,7 @@ class CpuDecodeStep:
         """ids [B, K] at chunk positions [B] in slots [B] -> the next chunk [B, K], sampled at T = 1 with the
         noise of (seed, step) exactly as ModelRunner.sample_patches draws it. Integer CPU tensors or numpy arrays
         (the engine passes numpy: at batch 1 a step lasts ~0.7 ms, and each tensor built costs ~20 us)."""
-        noise = self._noise(torch.as_tensor(seeds), torch.as_tensor(steps))
+        noise = self._noise(seeds, steps)
         out = self._step.run(np.asarray(ids), np.asarray(positions), np.asarray(slots), noise)
         return torch.from_numpy(out)
 
@@ -276,6 +276,14 @@ class CpuDecodeStep:
         """Rows of the last call's vocabulary argmax that the screen left open and the step projected in full."""
         return self._step.screen_fallback_rows
 
-    def _noise(self, seeds: torch.Tensor, steps: torch.Tensor):
-        noise = self.runner.noise(seeds, steps * COUNTERS_PER_STEP, 1, self.runner.config.noise_size)[:, 0]
+    def _noise(self, seeds, steps) -> np.ndarray:
+        """The noise [B, noise] of each row's (seed, step), as ModelRunner.sample_patches draws it at T = 1."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        counters = np.asarray(steps, dtype=np.int64) * COUNTERS_PER_STEP
+        dim = self.runner.config.noise_size
+        if self.runner.noise is model_runner.philox_noise:
+            # philox_noise's own C++ loop, on numpy: a tensor operation between two steps made the next step ~0.1 ms
+            # slower at batch 8 (small shape, AVX2 level)
+            return model_runner._calm_cpu.philox_uniform(seeds, counters, 1, dim)[:, 0]
+        noise = self.runner.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, dim)[:, 0]
         return noise.contiguous().numpy()
