@@ -27,7 +27,8 @@ namespace calm_cpu {
 
 // The projection's bfloat16 weight W [vocab, in] in groups of `group` ids (32: AVX512-BF16 and AMX; 2 registers of
 // 32-bit lanes for the widening kernels), each stored as [pairs][group ids][2]: a pair of inputs per 32-bit lane, as
-// vdpbf16ps reads them. Zero-padded past the vocabulary and, for an odd width, in the last pair; 64-byte aligned.
+// vdpbf16ps reads them. Zero-padded past the vocabulary and, for an odd width, in the last pair; in streamed memory
+// (allocate_streamed).
 class PackedBf16Projection {
  public:
   PackedBf16Projection(const uint16_t* weight_bf16, int vocab, int in, int group)
@@ -35,22 +36,23 @@ class PackedBf16Projection {
     if (in < 1 || vocab < 1 || group < 16 || group % 16 != 0)
       throw std::invalid_argument("PackedBf16Projection: empty weight or a group not a multiple of 16");
     const size_t bytes = static_cast<size_t>(groups_) * pairs_ * group_ * 4;  // a multiple of 64
-    data_.reset(static_cast<uint16_t*>(std::aligned_alloc(64, bytes)));
-    if (!data_) throw std::bad_alloc();
-    std::memset(data_.get(), 0, bytes);
+    memory_ = allocate_streamed(bytes);
+    data_ = static_cast<uint16_t*>(memory_.get());
+    std::memset(data_, 0, bytes);
     for (int id = 0; id < vocab; ++id)
       for (int i = 0; i < in; ++i) {
         const size_t at = ((static_cast<size_t>(id / group) * pairs_ + i / 2) * group + id % group) * 2 + i % 2;
-        data_.get()[at] = weight_bf16[static_cast<size_t>(id) * in + i];
+        data_[at] = weight_bf16[static_cast<size_t>(id) * in + i];
       }
   }
   int pairs() const { return pairs_; }
   int group_size() const { return group_; }
-  const uint16_t* group(int g) const { return data_.get() + static_cast<size_t>(g) * pairs_ * group_ * 2; }
+  const uint16_t* group(int g) const { return data_ + static_cast<size_t>(g) * pairs_ * group_ * 2; }
 
  private:
   int pairs_, group_, groups_;
-  std::unique_ptr<uint16_t[], AlignedFree> data_;
+  std::unique_ptr<void, AlignedFree> memory_;
+  uint16_t* data_;
 };
 
 #if defined(__x86_64__)

@@ -270,8 +270,16 @@ class DecodeStep {
     for (auto& l : layers_) all.insert(all.end(), {&l.qkv, &l.o, &l.gate_up, &l.down});
     for (auto& b : blocks_) all.insert(all.end(), {&b.noise_half, &b.hidden_half, &b.second, &b.third, &b.down});
     for (auto& l : ae_layers_) all.insert(all.end(), {&l.gate_up, &l.down});
+    // one block for all, so that its 2 MB pages hold no gaps (allocate_streamed)
+    const int width = kernels_.pack_width;
+    size_t total = 0;
+    for (Linear* l : all) total += calm_cpu::PackedLinear::bytes_for(l->out, l->in, width);
+    packed_memory_ = calm_cpu::allocate_streamed(total);
+    char* next = static_cast<char*>(packed_memory_.get());
     for (Linear* l : all) {
-      packed_.push_back(std::make_unique<calm_cpu::PackedLinear>(l->weight, l->out, l->in, kernels_.pack_width));
+      packed_.push_back(std::make_unique<calm_cpu::PackedLinear>(l->weight, l->out, l->in, width,
+                                                                 reinterpret_cast<float*>(next)));
+      next += packed_.back()->bytes();
       l->packed = packed_.back().get();
     }
   }
@@ -597,6 +605,7 @@ class DecodeStep {
   static constexpr int64_t kSplitAttention = 1 << 13;  // the same for attention, whose scalar loops cost more per madd
   std::unique_ptr<calm_cpu::GemmWorker> worker_;
   std::vector<float> scores_[2];  // attention scores of this thread and of the worker
+  std::unique_ptr<void, calm_cpu::AlignedFree> packed_memory_;  // the packed weights of packed_
   std::vector<std::unique_ptr<calm_cpu::PackedLinear>> packed_;
   bool screening_ = false;  // the vocabulary argmax through screen_
   calm_cpu::VocabScreen screen_;
