@@ -30,8 +30,25 @@ def calm_cpu_extension() -> Extension:
 
     return Extension(
         "calm_engine._calm_cpu",
-        ["csrc/calm_cpu.cpp", "csrc/decode_step.cpp", "csrc/exact_sampler.cpp"],
-        depends=["csrc/packed_linear.h", "csrc/vector_math.h", "csrc/vocab_screen.h"],
+        [
+            "csrc/calm_cpu.cpp",
+            "csrc/decode_step.cpp",
+            "csrc/exact_sampler.cpp",
+            "csrc/isa.cpp",
+            "csrc/kernel_bindings.cpp",
+            # compiled for their instruction-set levels (#pragma GCC target), called only where the CPU runs them
+            "csrc/kernels_avx2.cpp",
+            "csrc/kernels_avx512.cpp",
+        ],
+        depends=[
+            "csrc/bf16_products.h",
+            "csrc/isa.h",
+            "csrc/packed_linear.h",
+            "csrc/simd.h",
+            "csrc/step_kernels.h",
+            "csrc/step_tasks.h",
+            "csrc/vocab_screen.h",
+        ],
         include_dirs=[pybind11.get_include()],
         language="c++",
         # No fused multiply-add: the noise must round exactly like the kernel and the tensor reference.

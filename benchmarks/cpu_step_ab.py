@@ -1,15 +1,16 @@
 """Two configurations of the C++ decode step, alternated in one process on the same inputs: median step time of each
 and their ratio, per batch size; both must give the same ids.
 
-    python benchmarks/cpu_step_ab.py --compare avx512 --shape small --batch 1 8 16
-    python benchmarks/cpu_step_ab.py --compare avx512 --shape calm_m --batch 1 8 --rounds 15 --calls 3
-    python benchmarks/cpu_step_ab.py --compare screen --position 40 --batch 1 8 16
+    python benchmarks/cpu_step_ab.py --compare isa --isa avx512_bf16 generic --shape small --batch 1 8 16
+    python benchmarks/cpu_step_ab.py --compare isa --isa avx2 generic --shape calm_m --batch 1 8 --rounds 15 --calls 3
+    python benchmarks/cpu_step_ab.py --compare screen --isa avx2 --position 40 --batch 1 8 16
 
---compare avx512: the step's AVX-512 kernels (packed products, the packed vocabulary screen on AMX or AVX512-BF16,
-vectorised attention and SiLU) against the same step on torch's sgemm and MKL's bfloat16 GEMM.
---compare screen: the bfloat16 vocabulary screen (csrc/vocab_screen.h) against the plain float32 projection, both
-without the step's AVX-512 kernels, as when the screen was measured in session 7 (its scan has since become AVX-512
-where the CPU has it).
+--compare isa: the step at the first instruction-set level of --isa against the same step at the second (default:
+the highest this CPU runs against generic, i.e. torch's sgemm and plain loops); each level with its default screen.
+--compare screen: the bfloat16 vocabulary screen (csrc/vocab_screen.h) against the plain float32 projection, both at
+the first level of --isa.
+To time a level as it runs on a CPU without the higher ones, restrict torch's MKL too (MKL_ENABLE_INSTRUCTIONS=AVX2
+for avx2 and generic, AVX512 for avx512): the sgemm and the bfloat16 GEMM the step calls are MKL's.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import cached_checkpoint  # noqa: E402
 from calm_engine import LLM  # noqa: E402
-from calm_engine.engine.cpu_step import CpuDecodeStep  # noqa: E402
+from calm_engine.engine.cpu_step import ISA_LEVELS, CpuDecodeStep, supported_isas  # noqa: E402
 
-# (name, CpuDecodeStep options) of the two sides of each comparison, the faster one expected first
-COMPARISONS = {
-    "avx512": (("AVX-512 kernels", dict(avx512=True)), ("sgemm + MKL", dict(avx512=False))),
-    "screen": (
-        ("screened", dict(screen_vocab=True, avx512=False)),
-        ("float32", dict(screen_vocab=False, avx512=False)),
-    ),
-}
+
+def sides(compare: str, levels: list[str]) -> list[tuple[str, dict]]:
+    """(name, CpuDecodeStep options) of the two sides of a comparison, the one expected faster first."""
+    first = levels[0]
+    if compare == "screen":
+        return [
+            (f"{first} screened", dict(isa=first, screen_vocab=True)),
+            (f"{first} float32", dict(isa=first, screen_vocab=False)),
+        ]
+    second = levels[1] if len(levels) > 1 else "generic"
+    return [(first, dict(isa=first)), (second, dict(isa=second))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="avx512")
+    parser.add_argument("--compare", choices=["isa", "screen"], default="isa")
+    parser.add_argument("--isa", nargs="+", choices=ISA_LEVELS, default=[supported_isas()[-1], "generic"])
     parser.add_argument("--shape", default="small")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--rounds", type=int, default=30, help="alternations per batch size")
@@ -50,9 +55,10 @@ def main() -> None:
     torch.set_num_threads(2)
     llm = LLM(str(cached_checkpoint(args.shape)), max_batch_size=max(args.batch), max_model_len=4 * (args.position + 8))
     runner, config = llm.engine.runner, llm.model.config
-    (fast, fast_options), (plain, plain_options) = COMPARISONS[args.compare]
+    (fast, fast_options), (plain, plain_options) = sides(args.compare, args.isa)
     steps = {fast: CpuDecodeStep(runner, **fast_options), plain: CpuDecodeStep(runner, **plain_options)}
-    print(f"shape {args.shape}, 2 threads, {args.rounds} alternations of {args.calls} steps each")
+    screens = ", ".join(f"{name}: screen {step.screen_vocab}" for name, step in steps.items())
+    print(f"shape {args.shape}, 2 threads, {args.rounds} alternations of {args.calls} steps each; {screens}")
     print(f"| batch | {fast} ms/step | {plain} ms/step | {plain} / {fast} | same ids |")
     print("| --- | --- | --- | --- | --- |")
     generator = torch.Generator().manual_seed(0)

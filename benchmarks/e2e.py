@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
@@ -35,6 +36,7 @@ from benchmarks.official import official_unavailable_reason, run_official  # noq
 from benchmarks.shapes import cached_checkpoint  # noqa: E402
 from calm_engine import LLM, SamplingParams  # noqa: E402
 from calm_engine.engine import model_runner  # noqa: E402
+from calm_engine.engine.cpu_step import ISA_LEVELS  # noqa: E402
 from calm_engine.engine.llm_engine import CPU_STEP_MAX_BATCH  # noqa: E402
 from calm_engine.engine.model_runner import ModelRunner  # noqa: E402
 
@@ -179,18 +181,35 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also time the step's matrix products alone")
     parser.add_argument("--no-official", action="store_true")
     parser.add_argument("--no-cpu-step", action="store_true", help="the PyTorch path instead of the C++ T = 1 step")
+    parser.add_argument(
+        "--cpu-isa",
+        choices=ISA_LEVELS,
+        help="the C++ step's instruction-set level (default: $CALM_CPU_ISA, else the highest this CPU runs)",
+    )
     parser.add_argument("--token-shape", help="a token-level shape of the same backbone (benchmarks/shapes.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     checkpoint = cached_checkpoint(args.shape)
     max_len = max(args.prompt_len) + args.new_tokens + 8
-    llm = LLM(str(checkpoint), max_batch_size=max(args.batch), max_model_len=max_len, use_cpu_step=not args.no_cpu_step)
+    llm = LLM(
+        str(checkpoint),
+        max_batch_size=max(args.batch),
+        max_model_len=max_len,
+        use_cpu_step=not args.no_cpu_step,
+        cpu_isa=args.cpu_isa,
+    )
     token_llm = None
     if args.token_shape:
         token_llm = LLM(str(cached_checkpoint(args.token_shape)), max_batch_size=max(args.batch), max_model_len=max_len)
     reason = "disabled" if args.no_official else official_unavailable_reason()
-    print(f"# shape {args.shape}, {args.threads} threads, torch {torch.__version__}; official: {reason or 'yes'}")
+    step = llm.engine.cpu_step
+    path = "PyTorch path" if step is None else f"C++ step at {step.isa}, screen {step.screen_vocab}"
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "unrestricted")
+    print(
+        f"# shape {args.shape}, {args.threads} threads, torch {torch.__version__}, {path}, MKL instructions {mkl}; "
+        f"official: {reason or 'yes'}"
+    )
     rows = []
     for prompt_len in args.prompt_len:
         for temperature in args.temperature:

@@ -70,6 +70,7 @@ py::array_t<float> philox_uniform(py::array_t<int64_t, py::array::c_style> seeds
 }  // namespace
 
 void register_decode_step(py::module_& m);     // decode_step.cpp
+void register_kernels(py::module_& m);         // kernel_bindings.cpp
 void register_exact_sampler(py::module_& m);  // exact_sampler.cpp
 
 PYBIND11_MODULE(_calm_cpu, m) {
@@ -77,5 +78,6 @@ PYBIND11_MODULE(_calm_cpu, m) {
   m.def("philox_uniform", &philox_uniform, py::arg("seeds"), py::arg("counters"), py::arg("samples"), py::arg("dim"),
         "float32 [R, samples, dim] uniform on [-0.5, 0.5): Philox4x32-10, key = seed, counter = (i, counter, 0, 0)");
   register_decode_step(m);
+  register_kernels(m);
   register_exact_sampler(m);
 }

@@ -1,45 +1,41 @@
 // DecodeStep: one whole CALM decode step (or prefill) at T = 1 on the CPU in float32, for batches up to 64 rows.
 //
 // Why: at batch 1-8 a step of a small model is ~120 eager PyTorch operations of a few microseconds each, about as
-// much time as its matrix products (measured in benchmarks/RESULTS.md). Here the step is one call: on CPUs with
-// AVX-512 the matrix products run on packed copies of the weights (packed_linear.h) and the loops between them are
-// vectorised (vector_math.h); elsewhere the products go to the sgemm of the BLAS that torch itself links (its
-// address is handed over from Python, so this builds without torch headers). Two threads split every large product
-// and the attention.
+// much time as its matrix products (measured in benchmarks/RESULTS.md). Here the step is one call. At the AVX2 and
+// AVX-512 levels (isa.h) the matrix products run on packed copies of the weights (packed_linear.h) and the attention
+// and SiLU loops are vectorised (step_kernels.h); at the generic level the products go to the sgemm of the BLAS that
+// torch itself links (its address is handed over from Python, so this builds without torch headers). Two threads
+// split every large product and the attention (step_tasks.h).
 //
 // Computes what calm_engine/engine/model_runner.py computes (its PyTorch path is the reference in the tests):
 // input compression -> Llama layers over the engine's KV-cache slots -> energy head with the given noise ->
-// autoencoder decoder -> vocabulary projection + argmax (first index on ties). Where torch's MKL has a bfloat16 GEMM,
-// the projection's argmax is found through a bfloat16 screen and float32 recomputation of the few ids it leaves
-// (vocab_screen.h): the same argmax, with fewer float32 products.
+// autoencoder decoder -> vocabulary projection + argmax (first index on ties). With `vocab_screen`, the projection's
+// argmax is found through a bfloat16 screen and float32 recomputation of the few ids it leaves (vocab_screen.h): the
+// same argmax, with fewer float32 products.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
-#include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "bf16_products.h"
+#include "isa.h"
 #include "packed_linear.h"
-#include "vector_math.h"
+#include "step_tasks.h"
 #include "vocab_screen.h"
 
 namespace py = pybind11;
 
 namespace {
 
+using calm_cpu::GemmTask;
+using calm_cpu::Linear;
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-                       const int*, const float*, const int*, const float*, float*, const int*);
-using SetThreadsLocal = int (*)(int);
 
 enum class Activation { kSilu, kGelu, kGeluTanh, kRelu };
 
@@ -65,24 +61,15 @@ inline float activate(float x, Activation a) {
   return x;
 }
 
-// out[i] = act(g[i]) * u[i] (u null: act(g[i])) for n values; out may be g. `vector`: the AVX-512 SiLU (vector_math.h).
-inline void activate_into(Activation a, bool vector, const float* g, const float* u, float* out, int n) {
-#if defined(__x86_64__)
-  if (vector && a == Activation::kSilu) {
-    calm_cpu::silu_mul_avx512(g, u, out, n);
+// out[i] = act(g[i]) * u[i] (u null: act(g[i])) for n values; out may be g. SiLU through the level's kernel.
+inline void activate_into(const calm_cpu::StepKernels& kernels, Activation a, const float* g, const float* u,
+                          float* out, int n) {
+  if (a == Activation::kSilu) {
+    kernels.silu_mul(g, u, out, n);
     return;
   }
-#endif
   for (int i = 0; i < n; ++i) out[i] = u ? activate(g[i], a) * u[i] : activate(g[i], a);
 }
-
-// A weight matrix [out, in] (row-major, as nn.Linear stores it) and an optional bias [out].
-struct Linear {
-  const float* weight = nullptr;
-  const float* bias = nullptr;
-  int out = 0, in = 0;
-  const calm_cpu::PackedLinear* packed = nullptr;  // the weight packed for the AVX-512 kernel, when the step packs
-};
 
 struct Norm {
   const float* weight = nullptr;
@@ -90,184 +77,20 @@ struct Norm {
   float eps = 0.0f;
 };
 
-// out[:, n0:n1] of out [rows, l.out] = in [rows, l.in] @ weight[n0:n1]^T + bias[n0:n1] (+ out if accumulate).
-// With `best` set it is the vocabulary projection instead: out is unused, and for every row the first maximum of
-// the logits over columns n0..n1 goes to best (see run_argmax).
-struct ArgmaxResult;
-struct ScreenTask;
-struct GemmTask {
-  const Linear* l = nullptr;
-  const float* in = nullptr;
-  float* out = nullptr;
-  int rows = 0, n0 = 0, n1 = 0;
-  bool accumulate = false;
-  ArgmaxResult* best = nullptr;
-  const ScreenTask* screen = nullptr;  // the screened vocabulary projection of ids n0..n1 instead (vocab_screen.h)
-  void (*job)(void*) = nullptr;        // or any other share of work: job(context)
-  void* context = nullptr;
-};
-
-// One thread's share of the screened vocabulary projection: x as bfloat16 with its rows' error bounds.
-struct ScreenTask {
-  const calm_cpu::VocabScreen* vocab = nullptr;
-  const uint16_t* x = nullptr;
-  const float* bound = nullptr;
-  calm_cpu::ScreenPart* part = nullptr;
-};
-
-// Per row, the largest logit seen and its first column; `logits` is the thread's tile buffer.
-struct ArgmaxResult {
-  std::vector<float> value;
-  std::vector<int64_t> index;
-  std::vector<float> logits;
-};
-
-constexpr int kVocabTile = 512;  // logits of a tile stay in L2 (64 KB at 32 rows) while they are reduced
-
-// Logits in column tiles, each reduced to (max, first argmax) per row at once, so no more than one tile of logits
-// ever exists and the reduction is vectorised: max first, then the first column equal to it.
-void run_argmax(Sgemm sgemm, const GemmTask& t) {
-  const Linear& l = *t.l;
-  ArgmaxResult& best = *t.best;
-  best.value.assign(t.rows, -INFINITY);
-  best.index.assign(t.rows, t.n0);
-  best.logits.resize(static_cast<size_t>(t.rows) * kVocabTile);
-  const float one = 1.0f, zero = 0.0f;
-  for (int c0 = t.n0; c0 < t.n1; c0 += kVocabTile) {
-    const int n = std::min(kVocabTile, t.n1 - c0);
-    sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(c0) * l.in, &l.in, t.in, &l.in, &zero,
-          best.logits.data(), &n);
-    for (int r = 0; r < t.rows; ++r) {
-      const float* row = best.logits.data() + static_cast<size_t>(r) * n;
-      float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-      for (int c = 0; c < n; ++c) top = std::max(top, row[c]);
-      if (top > best.value[r]) {  // strictly greater: an earlier tile keeps a tie
-        best.value[r] = top;
-        best.index[r] = c0 + (std::find(row, row + n, top) - row);
-      }
-    }
-  }
-}
-
-void run_gemm(Sgemm sgemm, const GemmTask& t) {
-  if (t.job != nullptr) {
-    t.job(t.context);
-    return;
-  }
-  if (t.screen != nullptr) {
-    const ScreenTask& s = *t.screen;
-    calm_cpu::screen_range(*s.vocab, s.x, s.bound, t.rows, t.n0, t.n1, kVocabTile, *s.part);
-    return;
-  }
-  if (t.best != nullptr) {
-    run_argmax(sgemm, t);
-    return;
-  }
-  const Linear& l = *t.l;
-  if (l.packed != nullptr) {  // n0 is a multiple of the packing width
-    const int g1 = (t.n1 + calm_cpu::kPackWidth - 1) / calm_cpu::kPackWidth;
-    calm_cpu::packed_linear(*l.packed, l.bias, t.in, l.in, t.rows, t.out, l.out, t.n0 / calm_cpu::kPackWidth, g1,
-                            t.accumulate);
-    return;
-  }
-  // Column-major view: out^T [n, rows] (leading dimension l.out) = weight rows n0..n1 (stored as in x n
-  // column-major, hence 'T') @ in^T.
-  const int n = t.n1 - t.n0;
-  const float one = 1.0f, beta = t.accumulate ? 1.0f : 0.0f;
-  sgemm("T", "N", &n, &t.rows, &l.in, &one, l.weight + static_cast<size_t>(t.n0) * l.in, &l.in, t.in, &l.in, &beta,
-        t.out + t.n0, &l.out);
-  if (l.bias != nullptr)
-    for (int r = 0; r < t.rows; ++r)
-      for (int c = t.n0; c < t.n1; ++c) t.out[static_cast<size_t>(r) * l.out + c] += l.bias[c];
-}
-
-// A second thread that takes half of each large matrix product during a step. torch's BLAS, called from outside
-// torch with its own threads, wakes them per call and lost ~25x at 2 threads here; two single-threaded BLAS calls
-// on halves of the output cost microseconds to hand over. On a shared machine the worker may be descheduled, so a
-// posted half is claimed by whoever gets to it first: the caller, done with its own half, takes it back instead of
-// waiting for a worker that is not running.
-class GemmWorker {
- public:
-  explicit GemmWorker(Sgemm sgemm, SetThreadsLocal set_threads) : sgemm_(sgemm), set_threads_(set_threads) {
-    thread_ = std::thread([this] { loop(); });
-  }
-  ~GemmWorker() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_one();
-    thread_.join();
-  }
-  void begin() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      active_.store(true);
-    }
-    wake_.notify_one();
-  }
-  void end() { active_.store(false); }
-
-  // Runs `mine` here and `theirs` on the worker (or here, if the worker has not claimed it in time).
-  void run_pair(const GemmTask& mine, const GemmTask& theirs) {
-    task_ = theirs;
-    const uint64_t ticket = ++tickets_;
-    claimable_.store(ticket, std::memory_order_release);  // publishes task_
-    run_gemm(sgemm_, mine);
-    uint64_t expected = ticket;
-    if (claimable_.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) {
-      run_gemm(sgemm_, task_);  // the worker never took it
-      return;
-    }
-    while (done_.load(std::memory_order_acquire) != ticket) {
-    }
-  }
-
- private:
-  void loop() {
-    set_threads_(1);
-    while (true) {
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [this] { return active_.load() || stop_; });
-        if (stop_) return;
-      }
-      while (active_.load(std::memory_order_acquire)) {  // spin while the step runs
-        uint64_t ticket = claimable_.load(std::memory_order_acquire);
-        // A claim names its ticket, so a worker that was descheduled cannot take a later task by mistake.
-        if (ticket != 0 && claimable_.compare_exchange_strong(ticket, 0, std::memory_order_acq_rel)) {
-          run_gemm(sgemm_, task_);
-          done_.store(ticket, std::memory_order_release);
-        }
-      }
-    }
-  }
-
-  Sgemm sgemm_;
-  SetThreadsLocal set_threads_;
-  std::thread thread_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  bool stop_ = false;
-  std::atomic<bool> active_{false};
-  GemmTask task_;
-  uint64_t tickets_ = 0;  // the caller's counter
-  std::atomic<uint64_t> claimable_{0}, done_{0};  // claimable_: the ticket of an unclaimed task, or 0
-};
-
 class DecodeStep {
  public:
   // `arrays` keeps every buffer alive; `spec` names them (see cpu_step.CpuDecodeStep for the layout).
-  // `vocab_screen` is None, or (address of cblas_gemm_bf16bf16f32, the projection's weight as bfloat16 bits
+  // `vocab_screen` is None, or (address of cblas_gemm_bf16bf16f32 or 0, the projection's weight as bfloat16 bits
   // [vocab, in], its row norms [vocab] rounded up): then the vocabulary argmax goes through the screen.
-  // `avx512`: the AVX-512F kernels (the CPU must have it): every linear layer but the vocabulary projection on a
-  // packed copy of its weight (packed_linear.h), SiLU and the attention's dot products, exp and sums vectorised
-  // (vector_math.h); else the sgemm and 4-wide loops.
+  // `isa`: the instruction-set level (isa.h), one this CPU runs. From avx2 up every linear layer but the vocabulary
+  // projection runs on a packed copy of its weight, and the screen's products on a packed copy of the projection.
   DecodeStep(std::uintptr_t sgemm, std::uintptr_t set_threads_local, int threads, py::dict spec, py::list arrays,
-             py::object vocab_screen, bool avx512)
-      : sgemm_(reinterpret_cast<Sgemm>(sgemm)), set_threads_(reinterpret_cast<SetThreadsLocal>(set_threads_local)) {
-    if (threads > 1) worker_ = std::make_unique<GemmWorker>(sgemm_, set_threads_);
+             py::object vocab_screen, const std::string& isa)
+      : sgemm_(reinterpret_cast<calm_cpu::Sgemm>(sgemm)),
+        set_threads_(reinterpret_cast<calm_cpu::SetThreadsLocal>(set_threads_local)),
+        isa_(calm_cpu::parse_isa(isa)),
+        kernels_(calm_cpu::step_kernels(isa_)) {
+    if (threads > 1) worker_ = std::make_unique<calm_cpu::GemmWorker>(sgemm_, set_threads_, kernels_);
     for (auto item : arrays) keep_.push_back(item.cast<FloatArray>());
     auto i = [&](const char* key) { return spec[key].cast<int>(); };
     hidden_ = i("hidden"), heads_ = i("heads"), kv_heads_ = i("kv_heads"), head_dim_ = i("head_dim");
@@ -300,36 +123,11 @@ class DecodeStep {
       ae_layers_.push_back({norm(l["norm"]), linear(l["gate_up"]), linear(l["down"])});
     }
     ae_norm_ = norm(spec["ae_norm"]), lm_head_ = linear(spec["lm_head"]);
-    if (avx512) {
-      if (!calm_cpu::avx512_supported()) throw std::invalid_argument("DecodeStep: avx512 needs a CPU with AVX-512F");
-      avx512_ = true;
-      pack_linears();
-    }
-    if (!vocab_screen.is_none()) {
-      auto t = vocab_screen.cast<py::tuple>();
-      screen_bf16_ = t[1].cast<py::array_t<uint16_t, py::array::c_style>>();
-      screen_norm_ = t[2].cast<FloatArray>();
-      if (screen_bf16_.ndim() != 2 || screen_bf16_.shape(0) != lm_head_.out || screen_bf16_.shape(1) != lm_head_.in ||
-          screen_norm_.ndim() != 1 || screen_norm_.shape(0) != lm_head_.out)
-        throw std::invalid_argument("DecodeStep: vocab_screen expects a bfloat16 weight [vocab, in] and norms [vocab]");
-      screen_.gemm = reinterpret_cast<calm_cpu::GemmBf16>(t[0].cast<std::uintptr_t>());
-      screen_.weight = lm_head_.weight, screen_.weight_bf16 = screen_bf16_.data(), screen_.row_norm = screen_norm_.data();
-      screen_.vocab = lm_head_.out, screen_.in = lm_head_.in;
-      screen_.max_row_norm = calm_cpu::largest_norm(screen_.row_norm, screen_.vocab);
-      if (!(screen_.max_row_norm < 1e30))
-        throw std::invalid_argument("DecodeStep: vocab_screen needs finite projection rows of norm below 1e30");
-      if (avx512_ && calm_cpu::bf16_kernel_supported() && lm_head_.in % 2 == 0) {
-        // The screen's products from a packed copy (MKL's GEMM repacks the weight on every call): on AMX tiles at any
-        // row count, else with AVX512-BF16 up to kPackedScreenRows. With AMX the plain copy is never read again.
-        packed_bf16_ = std::make_unique<calm_cpu::PackedBf16Projection>(screen_.weight_bf16, screen_.vocab, screen_.in);
-        screen_.amx = calm_cpu::amx_supported() && screen_.in % 32 == 0;
-        if (screen_.amx) {
-          screen_.weight_bf16 = nullptr;
-          screen_bf16_ = py::array_t<uint16_t, py::array::c_style>();
-        }
-      }
-    }
+    if (kernels_.packed_linear != nullptr) pack_linears();
+    if (!vocab_screen.is_none()) setup_screen(vocab_screen.cast<py::tuple>());
   }
+
+  std::string isa() const { return calm_cpu::isa_name(isa_); }
 
   // Bytes of the packed weight copies (0 when the step does not pack).
   int64_t packed_bytes() const {
@@ -432,7 +230,7 @@ class DecodeStep {
       for (int j = 0; j < patch_; ++j)
         std::copy_n(embed_ + id[r * patch_ + j] * h, h, embedded.data() + (static_cast<size_t>(r) * patch_ + j) * h);
     gemm(compress0_, embedded.data(), rows, inner);
-    activate_into(Activation::kSilu, avx512_, inner.data(), nullptr, inner.data(), static_cast<int>(inner.size()));
+    activate_into(kernels_, Activation::kSilu, inner.data(), nullptr, inner.data(), static_cast<int>(inner.size()));
     gemm(compress2_, inner.data(), rows, x);
     layer_norm(compress_norm_, x.data(), rows, h);
     backbone(x, rows, pos, slot);
@@ -472,10 +270,62 @@ class DecodeStep {
     for (auto& l : layers_) all.insert(all.end(), {&l.qkv, &l.o, &l.gate_up, &l.down});
     for (auto& b : blocks_) all.insert(all.end(), {&b.noise_half, &b.hidden_half, &b.second, &b.third, &b.down});
     for (auto& l : ae_layers_) all.insert(all.end(), {&l.gate_up, &l.down});
+    // one block for all, so that its 2 MB pages hold no gaps (allocate_streamed)
+    const int width = kernels_.pack_width;
+    size_t total = 0;
+    for (Linear* l : all) total += calm_cpu::PackedLinear::bytes_for(l->out, l->in, width);
+    packed_memory_ = calm_cpu::allocate_streamed(total);
+    char* next = static_cast<char*>(packed_memory_.get());
     for (Linear* l : all) {
-      packed_.push_back(std::make_unique<calm_cpu::PackedLinear>(l->weight, l->out, l->in));
+      packed_.push_back(std::make_unique<calm_cpu::PackedLinear>(l->weight, l->out, l->in, width,
+                                                                 reinterpret_cast<float*>(next)));
+      next += packed_.back()->bytes();
       l->packed = packed_.back().get();
     }
+  }
+
+  // The screen of the vocabulary argmax from (gemm address or 0, bfloat16 weight, row norms); see screen_products.
+  void setup_screen(const py::tuple& t) {
+    screen_bf16_ = t[1].cast<py::array_t<uint16_t, py::array::c_style>>();
+    screen_norm_ = t[2].cast<FloatArray>();
+    if (screen_bf16_.ndim() != 2 || screen_bf16_.shape(0) != lm_head_.out || screen_bf16_.shape(1) != lm_head_.in ||
+        screen_norm_.ndim() != 1 || screen_norm_.shape(0) != lm_head_.out)
+      throw std::invalid_argument("DecodeStep: vocab_screen expects a bfloat16 weight [vocab, in] and norms [vocab]");
+    screen_.kernels = &kernels_;
+    screen_.gemm = reinterpret_cast<calm_cpu::GemmBf16>(t[0].cast<std::uintptr_t>());
+    screen_.weight = lm_head_.weight, screen_.weight_bf16 = screen_bf16_.data(), screen_.row_norm = screen_norm_.data();
+    screen_.vocab = lm_head_.out, screen_.in = lm_head_.in;
+    screen_.max_row_norm = calm_cpu::largest_norm(screen_.row_norm, screen_.vocab);
+    if (!(screen_.max_row_norm < 1e30))
+      throw std::invalid_argument("DecodeStep: vocab_screen needs finite projection rows of norm below 1e30");
+    // A packed copy for the level's kernel (MKL's GEMM repacks the weight on every call).
+    int group = 0;
+    if (isa_ >= calm_cpu::Isa::kAvx512Bf16 && screen_.in % 2 == 0) {
+      group = 32, packed_kind_ = calm_cpu::ScreenProducts::kDpbf16;
+      if (isa_ == calm_cpu::Isa::kAmx && screen_.in % 32 == 0) packed_kind_ = calm_cpu::ScreenProducts::kAmx;
+    } else if (kernels_.widened_scores != nullptr) {
+      group = kernels_.screen_group, packed_kind_ = calm_cpu::ScreenProducts::kWidened;
+    } else if (screen_.gemm == nullptr) {
+      throw std::invalid_argument("DecodeStep: the vocabulary screen at the generic level needs MKL's bfloat16 GEMM");
+    }
+    if (group != 0)
+      packed_bf16_ = std::make_unique<calm_cpu::PackedBf16Projection>(screen_.weight_bf16, screen_.vocab, screen_.in,
+                                                                      group);
+    screen_.packed = packed_bf16_.get();
+    if (packed_bf16_ && (packed_kind_ != calm_cpu::ScreenProducts::kDpbf16 || screen_.gemm == nullptr)) {
+      screen_.weight_bf16 = nullptr;  // never read again
+      screen_bf16_ = py::array_t<uint16_t, py::array::c_style>();
+    }
+    screening_ = true;
+  }
+
+  // Where the screen's products come from at `rows` rows: AMX tiles and the widened kernel at any row count;
+  // vdpbf16ps up to kPackedScreenRows rows, above on MKL's GEMM (where torch exports it).
+  calm_cpu::ScreenProducts screen_products(int rows) const {
+    if (!packed_bf16_) return calm_cpu::ScreenProducts::kGemm;
+    if (packed_kind_ != calm_cpu::ScreenProducts::kDpbf16 || rows <= kPackedScreenRows || screen_.gemm == nullptr)
+      return packed_kind_;
+    return calm_cpu::ScreenProducts::kGemm;
   }
 
   Linear linear(py::handle spec) {
@@ -507,44 +357,14 @@ class DecodeStep {
   void gemm_into(const Linear& l, const float* in, int rows, float* out, bool accumulate) {
     GemmTask task{&l, in, out, rows, 0, l.out, accumulate};
     if (!worker_ || static_cast<int64_t>(rows) * l.out * l.in < kSplitWork || l.out < 32) {
-      run_gemm(sgemm_, task);
+      calm_cpu::run_gemm(sgemm_, kernels_, task);
       return;
     }
     GemmTask other = task;
     // the first half's groups of the packing width (also for the sgemm: any boundary is right for it)
-    const int groups = (l.out + calm_cpu::kPackWidth - 1) / calm_cpu::kPackWidth;
-    task.n1 = other.n0 = std::min(l.out, (groups + 1) / 2 * calm_cpu::kPackWidth);
+    const int width = l.packed ? l.packed->width() : 32, groups = (l.out + width - 1) / width;
+    task.n1 = other.n0 = std::min(l.out, (groups + 1) / 2 * width);
     worker_->run_pair(task, other);
-  }
-
-  float dot(const float* a, const float* b, int n) const {
-#if defined(__x86_64__)
-    if (avx512_) return calm_cpu::dot_avx512(a, b, n);
-#endif
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; ++i) sum += a[i] * b[i];
-    return sum;
-  }
-
-  void axpy(float p, const float* x, float* y, int n) const {
-#if defined(__x86_64__)
-    if (avx512_) {
-      calm_cpu::axpy_avx512(p, x, y, n);
-      return;
-    }
-#endif
-    for (int i = 0; i < n; ++i) y[i] += p * x[i];
-  }
-
-  void exp_into(float* v, int n) const {
-#if defined(__x86_64__)
-    if (avx512_) {
-      calm_cpu::exp_inplace_avx512(v, n);
-      return;
-    }
-#endif
-    for (int i = 0; i < n; ++i) v[i] = std::exp(v[i]);
   }
 
   static void rms_norm(const Norm& n, const float* in, float* out, int rows, int size) {
@@ -583,7 +403,7 @@ class DecodeStep {
     mixed.resize(static_cast<size_t>(rows) * inner);
     for (int r = 0; r < rows; ++r) {
       const float* g = gu.data() + static_cast<size_t>(r) * gate_up.out;
-      activate_into(act, avx512_, g, g + inner, mixed.data() + static_cast<size_t>(r) * inner, inner);
+      activate_into(kernels_, act, g, g + inner, mixed.data() + static_cast<size_t>(r) * inner, inner);
     }
     gemm_into(down, mixed.data(), rows, x.data(), true);
   }
@@ -614,26 +434,14 @@ class DecodeStep {
       for (int head = 0; head < heads; ++head) {
         const float* q = row + head * d;
         const size_t base = (static_cast<size_t>(job.slot[b]) * s.kv_heads_ + head / group) * s.capacity_ * d;
-        float top = -INFINITY;
-        for (int t = 0; t < length; ++t) {
-          const float* k = job.layer->keys + base + static_cast<size_t>(t) * d;
-          scores[t] = s.dot(q, k, d) * scale;
-          top = std::max(top, scores[t]);
-        }
-        for (int t = 0; t < length; ++t) scores[t] -= top;
-        s.exp_into(scores.data(), length);
-        float total = 0.0f;
-        for (int t = 0; t < length; ++t) total += scores[t];
-        float* o = job.attn + (static_cast<size_t>(b) * heads + head) * d;
-        std::fill_n(o, d, 0.0f);
-        for (int t = 0; t < length; ++t)
-          s.axpy(scores[t] / total, job.layer->values + base + static_cast<size_t>(t) * d, o, d);
+        s.kernels_.attend_head(q, job.layer->keys + base, job.layer->values + base, length, d, scale, scores.data(),
+                               job.attn + (static_cast<size_t>(b) * heads + head) * d);
       }
     }
   }
 
   void backbone(std::vector<float>& x, int batch, const int64_t* pos, const int64_t* slot) {
-    const int h = hidden_, d = head_dim_, half = d / 2, group = heads_ / kv_heads_;
+    const int h = hidden_, d = head_dim_, half = d / 2;
     const int width = (heads_ + 2 * kv_heads_) * d;
     std::vector<float> normed(x.size()), qkv, attn(static_cast<size_t>(batch) * heads_ * d);
     std::vector<float> rotated(d);
@@ -691,20 +499,20 @@ class DecodeStep {
       layer_norm(block.in_ln, normed.data(), batch, c);
       y = row_part;
       gemm_into(block.noise_half, normed.data(), batch, y.data(), true);
-      activate_into(Activation::kSilu, avx512_, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
+      activate_into(kernels_, Activation::kSilu, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
       gemm(block.second, y.data(), batch, y2);
-      activate_into(Activation::kSilu, avx512_, y2.data(), nullptr, y2.data(), static_cast<int>(y2.size()));
+      activate_into(kernels_, Activation::kSilu, y2.data(), nullptr, y2.data(), static_cast<int>(y2.size()));
       gemm(block.third, y2.data(), batch, gu);
       mixed.resize(static_cast<size_t>(batch) * c);
       for (int r = 0; r < batch; ++r) {
         const float* g = gu.data() + static_cast<size_t>(r) * 2 * c;
-        activate_into(Activation::kSilu, avx512_, g, g + c, mixed.data() + static_cast<size_t>(r) * c, c);
+        activate_into(kernels_, Activation::kSilu, g, g + c, mixed.data() + static_cast<size_t>(r) * c, c);
       }
       gemm_into(block.down, mixed.data(), batch, z.data(), true);
     }
     layer_norm(final_ln_, z.data(), batch, c);
     gemm(final0_, z.data(), batch, y);
-    activate_into(Activation::kSilu, avx512_, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
+    activate_into(kernels_, Activation::kSilu, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
     gemm(final2_, y.data(), batch, latent);
   }
 
@@ -721,7 +529,7 @@ class DecodeStep {
       gated_mlp(ae_layers_[i].norm, ae_layers_[i].gate_up, ae_layers_[i].down, ae_act_, expanded, rows, a);
     normed.resize(expanded.size());
     rms_norm(ae_norm_, expanded.data(), normed.data(), rows, a);
-    if (screen_.gemm != nullptr)
+    if (screening_)
       screened_argmax(normed.data(), rows, out);
     else
       projected_argmax(normed.data(), rows, out);
@@ -731,7 +539,7 @@ class DecodeStep {
   // vocabulary, each in tiles (run_argmax); the lower half wins ties.
   void projected_argmax(const float* x, int rows, int64_t* out) {
     GemmTask mine{&lm_head_, x, nullptr, rows, 0, vocab_, false, &argmax_[0]};
-    if (worker_ && vocab_ >= 2 * kVocabTile) {
+    if (worker_ && vocab_ >= 2 * calm_cpu::kVocabTile) {
       GemmTask theirs = mine;
       mine.n1 = theirs.n0 = (vocab_ / 2) & ~15;
       theirs.best = &argmax_[1];
@@ -739,7 +547,7 @@ class DecodeStep {
       for (int r = 0; r < rows; ++r)
         out[r] = argmax_[1].value[r] > argmax_[0].value[r] ? argmax_[1].index[r] : argmax_[0].index[r];
     } else {
-      run_gemm(sgemm_, mine);
+      calm_cpu::run_gemm(sgemm_, kernels_, mine);
       std::copy(argmax_[0].index.begin(), argmax_[0].index.end(), out);
     }
   }
@@ -750,27 +558,27 @@ class DecodeStep {
   // products at the same row count, so such rows get the same argmax as the unscreened step.
   void screened_argmax(const float* x, int rows, int64_t* out) {
     const int a = lm_head_.in;
-    screen_.packed = screen_.amx || rows <= kPackedScreenRows ? packed_bf16_.get() : nullptr;
-    calm_cpu::prepare_rows(screen_, x, rows, screen_x_, screen_bound_, screen_usable_);
-    ScreenTask shares[2];
-    for (int p = 0; p < 2; ++p) shares[p] = {&screen_, screen_x_.data(), screen_bound_.data(), &screen_parts_[p]};
+    screen_.products = screen_products(rows);
+    calm_cpu::prepare_rows(screen_, x, rows, screen_rows_);
+    calm_cpu::ScreenTask shares[2];
+    for (int p = 0; p < 2; ++p) shares[p] = {&screen_, &screen_rows_, &screen_parts_[p]};
     GemmTask mine{&lm_head_, nullptr, nullptr, rows, 0, vocab_};
     mine.screen = &shares[0];
-    const int tiles = (vocab_ + kVocabTile - 1) / kVocabTile;
+    const int tiles = (vocab_ + calm_cpu::kVocabTile - 1) / calm_cpu::kVocabTile;
     int parts = 1;
     if (worker_ && tiles >= 2) {
       GemmTask theirs = mine;
-      mine.n1 = theirs.n0 = (tiles + 1) / 2 * kVocabTile;
+      mine.n1 = theirs.n0 = (tiles + 1) / 2 * calm_cpu::kVocabTile;
       theirs.screen = &shares[1];
       worker_->run_pair(mine, theirs);
       parts = 2;
     } else {
-      run_gemm(sgemm_, mine);
+      calm_cpu::run_gemm(sgemm_, kernels_, mine);
     }
     screen_fallback_rows_ = 0;
     for (int r = 0; r < rows; ++r) {
       const float* row = x + static_cast<size_t>(r) * a;
-      out[r] = screen_usable_[r] ? calm_cpu::pick_candidate(screen_, row, r, screen_parts_, parts) : -1;
+      out[r] = screen_rows_.usable[r] ? calm_cpu::pick_candidate(screen_, row, r, screen_parts_, parts) : -1;
       screen_fallback_rows_ += out[r] < 0;
     }
     if (screen_fallback_rows_ == 0) return;
@@ -780,30 +588,35 @@ class DecodeStep {
       if (out[r] < 0) out[r] = whole[r];
   }
 
-  Sgemm sgemm_;
-  SetThreadsLocal set_threads_;
-  // With AMX the screen always runs from packed_bf16_ on tiles. Without, it runs there with AVX512-BF16 up to this
-  // many rows and on MKL's GEMM above, which repacks the weight per call but multiplies faster. Measured with the
-  // tile kernel off: small shape, 2 threads, whole steps with one or the other,
-  // packed / MKL: 8 rows 0.69-0.73 / 0.73-0.75 ms, 16 rows 0.95-0.98 / 0.89-0.91 ms; at 4 rows the screen's share
-  // of the step fell from 0.21 to 0.08 ms.
+  calm_cpu::Sgemm sgemm_;
+  calm_cpu::SetThreadsLocal set_threads_;
+  calm_cpu::Isa isa_;
+  const calm_cpu::StepKernels& kernels_;
+  // With AMX the screen always runs from packed_bf16_ on tiles, and at avx2 / avx512 on the widened kernel: there
+  // MKL's bfloat16 GEMM has no bfloat16 arithmetic to use. Unscreened over screened step time, small shape, 2 threads,
+  // MKL restricted to the level: AVX2 batch 8 1.05-1.11x with the widened kernel at every row count, 0.94x with MKL's
+  // GEMM above 8 rows (batch 32 1.01x, batch 64 0.99x widened); AVX-512F batch 8 1.18x and 0.81x. With AVX512-BF16
+  // the screen runs from packed_bf16_ up to this many rows and on MKL's GEMM above, which repacks the weight per call
+  // but multiplies faster. Measured with the tile kernel off: small shape, 2 threads, whole steps with one or the
+  // other, packed / MKL: 8 rows 0.69-0.73 / 0.73-0.75 ms, 16 rows 0.95-0.98 / 0.89-0.91 ms; at 4 rows the screen's
+  // share of the step fell from 0.21 to 0.08 ms.
   static constexpr int kPackedScreenRows = 8;
   static constexpr int64_t kSplitWork = 1 << 16;  // below this many multiply-adds a hand-over costs more than it saves
   static constexpr int64_t kSplitAttention = 1 << 13;  // the same for attention, whose scalar loops cost more per madd
-  std::unique_ptr<GemmWorker> worker_;
-  bool avx512_ = false;
+  std::unique_ptr<calm_cpu::GemmWorker> worker_;
   std::vector<float> scores_[2];  // attention scores of this thread and of the worker
+  std::unique_ptr<void, calm_cpu::AlignedFree> packed_memory_;  // the packed weights of packed_
   std::vector<std::unique_ptr<calm_cpu::PackedLinear>> packed_;
-  calm_cpu::VocabScreen screen_;  // gemm is null when the projection is not screened
+  bool screening_ = false;  // the vocabulary argmax through screen_
+  calm_cpu::VocabScreen screen_;
   std::unique_ptr<calm_cpu::PackedBf16Projection> packed_bf16_;
+  calm_cpu::ScreenProducts packed_kind_ = calm_cpu::ScreenProducts::kGemm;  // the kernel that reads packed_bf16_
   py::array_t<uint16_t, py::array::c_style> screen_bf16_;
   FloatArray screen_norm_;
   calm_cpu::ScreenPart screen_parts_[2];
-  std::vector<uint16_t> screen_x_;
-  std::vector<float> screen_bound_;
-  std::vector<char> screen_usable_;
+  calm_cpu::ScreenRows screen_rows_;
   int64_t screen_fallback_rows_ = 0;
-  ArgmaxResult argmax_[2];  // the vocabulary halves of this thread and of the worker
+  calm_cpu::ArgmaxResult argmax_[2];  // the vocabulary halves of this thread and of the worker
   std::vector<FloatArray> keep_;
   int hidden_, heads_, kv_heads_, head_dim_, patch_, noise_, latent_, ae_hidden_, vocab_, capacity_, slots_;
   Activation act_, ae_act_;
@@ -823,129 +636,14 @@ class DecodeStep {
   Linear lm_head_;
 };
 
-// The screened argmax on its own (one thread, one tile per `tile` ids) for tests: x [R, in] and the projection's
-// weight [vocab, in] (float32), its bfloat16 bits and row norms -> (ids [R], rows projected in full). A row the screen
-// leaves open is reduced here with a plain float32 loop (first maximum).
-py::tuple screened_vocab_argmax(std::uintptr_t gemm_bf16, FloatArray x, FloatArray weight,
-                                py::array_t<uint16_t, py::array::c_style> weight_bf16, FloatArray row_norm, int tile,
-                                bool packed, bool amx) {
-  if (x.ndim() != 2 || weight.ndim() != 2 || x.shape(1) != weight.shape(1) || weight_bf16.ndim() != 2 ||
-      weight_bf16.shape(0) != weight.shape(0) || weight_bf16.shape(1) != weight.shape(1) || row_norm.ndim() != 1 ||
-      row_norm.shape(0) != weight.shape(0) || tile < 1)
-    throw std::invalid_argument("screened_vocab_argmax: expected x [R, in], weight and its bfloat16 copy [V, in], norms [V]");
-  calm_cpu::VocabScreen v;
-  v.gemm = reinterpret_cast<calm_cpu::GemmBf16>(gemm_bf16);
-  v.weight = weight.data(), v.weight_bf16 = weight_bf16.data(), v.row_norm = row_norm.data();
-  v.vocab = static_cast<int>(weight.shape(0)), v.in = static_cast<int>(weight.shape(1));
-  v.max_row_norm = calm_cpu::largest_norm(v.row_norm, v.vocab);
-  if (!(v.max_row_norm < 1e30)) throw std::invalid_argument("screened_vocab_argmax: weight rows must be finite, norm < 1e30");
-  std::unique_ptr<calm_cpu::PackedBf16Projection> packed_weight;
-  if (packed) {
-    if (!calm_cpu::bf16_kernel_supported()) throw std::runtime_error("screened_vocab_argmax: the CPU lacks AVX512-BF16");
-    if (tile % calm_cpu::PackedBf16Projection::kGroup != 0)
-      throw std::invalid_argument("screened_vocab_argmax: a packed screen needs tiles of whole groups");
-    packed_weight = std::make_unique<calm_cpu::PackedBf16Projection>(v.weight_bf16, v.vocab, v.in);
-    v.packed = packed_weight.get();
-  }
-  if (amx) {
-    if (!packed || !calm_cpu::amx_supported() || v.in % 32 != 0)
-      throw std::invalid_argument("screened_vocab_argmax: amx needs packed, an AMX CPU and a width of whole 32s");
-    v.amx = true;
-  }
-  const int rows = static_cast<int>(x.shape(0));
-  std::vector<uint16_t> x_bf16;
-  std::vector<float> bound;
-  std::vector<char> usable;
-  calm_cpu::ScreenPart part;
-  calm_cpu::prepare_rows(v, x.data(), rows, x_bf16, bound, usable);
-  calm_cpu::screen_range(v, x_bf16.data(), bound.data(), rows, 0, v.vocab, tile, part);
-  py::array_t<int64_t> ids(rows);
-  int64_t fallback = 0;
-  for (int r = 0; r < rows; ++r) {
-    const float* row = x.data() + static_cast<size_t>(r) * v.in;
-    int64_t id = usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1) : -1;
-    if (id < 0) {
-      ++fallback;
-      float best = -INFINITY;
-      for (int c = 0; c < v.vocab; ++c) {
-        float dot = 0.0f;
-        for (int i = 0; i < v.in; ++i) dot += row[i] * v.weight[static_cast<size_t>(c) * v.in + i];
-        if (id < 0 || dot > best) best = dot, id = c;
-      }
-    }
-    ids.mutable_data()[r] = id;
-  }
-  return py::make_tuple(ids, fallback);
-}
-
-// For tests: y [R, out] of x [R, in] and W [out, in] (+ bias [out]) through the packed kernel, for the groups g0..g1
-// of kPackWidth outputs only; y is read (accumulate) and written in place, columns outside the groups untouched.
-void packed_linear_into(FloatArray x, FloatArray weight, std::optional<FloatArray> bias, py::array_t<float> y,
-                        bool accumulate, int g0, int g1) {
-  if (!calm_cpu::avx512_supported()) throw std::runtime_error("packed_linear_into: the CPU lacks AVX-512F");
-  if (x.ndim() != 2 || weight.ndim() != 2 || x.shape(1) != weight.shape(1) || y.ndim() != 2 ||
-      y.shape(0) != x.shape(0) || y.shape(1) != weight.shape(0) || !(y.flags() & py::array::c_style) ||
-      (bias && (bias->ndim() != 1 || bias->shape(0) != weight.shape(0))))
-    throw std::invalid_argument("packed_linear_into: expected x [R, in], weight [out, in], bias [out], y [R, out]");
-  calm_cpu::PackedLinear packed(weight.data(), static_cast<int>(weight.shape(0)), static_cast<int>(weight.shape(1)));
-  if (g0 < 0 || g1 > packed.groups() || g0 > g1) throw std::invalid_argument("packed_linear_into: group range");
-  calm_cpu::packed_linear(packed, bias ? bias->data() : nullptr, x.data(), packed.in(), static_cast<int>(x.shape(0)),
-                          y.mutable_data(), packed.out(), g0, g1, accumulate);
-}
-
-// For tests: exp, dot products, axpy and silu(g) * u, through vector_math.h.
-py::array_t<float> vector_exp(FloatArray x) {
-  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_exp: the CPU lacks AVX-512F");
-  py::array_t<float> out(x.size());
-  std::copy_n(x.data(), x.size(), out.mutable_data());
-  calm_cpu::exp_inplace_avx512(out.mutable_data(), static_cast<int>(x.size()));
-  return out;
-}
-
-float vector_dot(FloatArray a, FloatArray b) {
-  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_dot: the CPU lacks AVX-512F");
-  if (a.size() != b.size()) throw std::invalid_argument("vector_dot: a and b differ in size");
-  return calm_cpu::dot_avx512(a.data(), b.data(), static_cast<int>(a.size()));
-}
-
-// y + p x, through vector_math.h's axpy.
-py::array_t<float> vector_axpy(float p, FloatArray x, FloatArray y) {
-  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_axpy: the CPU lacks AVX-512F");
-  if (x.size() != y.size()) throw std::invalid_argument("vector_axpy: x and y differ in size");
-  py::array_t<float> out(y.size());
-  std::copy_n(y.data(), y.size(), out.mutable_data());
-  calm_cpu::axpy_avx512(p, x.data(), out.mutable_data(), static_cast<int>(x.size()));
-  return out;
-}
-
-py::array_t<float> vector_silu_mul(FloatArray g, FloatArray u) {
-  if (!calm_cpu::avx512_supported()) throw std::runtime_error("vector_silu_mul: the CPU lacks AVX-512F");
-  if (g.size() != u.size()) throw std::invalid_argument("vector_silu_mul: g and u differ in size");
-  py::array_t<float> out(g.size());
-  calm_cpu::silu_mul_avx512(g.data(), u.data(), out.mutable_data(), static_cast<int>(g.size()));
-  return out;
-}
-
 }  // namespace
 
 void register_decode_step(py::module_& m) {
-  m.def("packed_linear_into", &packed_linear_into, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
-        py::arg("accumulate"), py::arg("g0"), py::arg("g1"));
-  m.attr("PACK_WIDTH") = calm_cpu::kPackWidth;
-  m.def("vector_exp", &vector_exp, py::arg("x"));
-  m.def("vector_silu_mul", &vector_silu_mul, py::arg("g"), py::arg("u"));
-  m.def("vector_dot", &vector_dot, py::arg("a"), py::arg("b"));
-  m.def("vector_axpy", &vector_axpy, py::arg("p"), py::arg("x"), py::arg("y"));
-  m.def("avx512_supported", &calm_cpu::avx512_supported, "whether the CPU runs the AVX-512F kernels (packed_linear.h)");
-  m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("gemm_bf16"), py::arg("x"), py::arg("weight"),
-        py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"), py::arg("packed") = false,
-        py::arg("amx") = false);
-  m.def("amx_supported", &calm_cpu::amx_supported, "whether the CPU and kernel run AMX bfloat16 tiles");
-  m.def("bf16_kernel_supported", &calm_cpu::bf16_kernel_supported, "whether the CPU runs the AVX512-BF16 screen kernel");
   py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list, py::object, bool>(), py::arg("sgemm"),
-           py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"),
-           py::arg("vocab_screen") = py::none(), py::arg("avx512") = false)
+      .def(py::init<std::uintptr_t, std::uintptr_t, int, py::dict, py::list, py::object, const std::string&>(),
+           py::arg("sgemm"), py::arg("set_threads_local"), py::arg("threads"), py::arg("spec"), py::arg("arrays"),
+           py::arg("vocab_screen") = py::none(), py::arg("isa") = "generic")
+      .def_property_readonly("isa", &DecodeStep::isa)
       .def_property_readonly("packed_bytes", &DecodeStep::packed_bytes)
       .def_property_readonly("screen_fallback_rows", &DecodeStep::screen_fallback_rows)
       .def("run", &DecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))

@@ -3,22 +3,26 @@
 
 For small batches on a CPU the eager step is ~120 PyTorch operations whose dispatch costs about as much as the
 matrix products (benchmarks/RESULTS.md). The C++ step reads the ModelRunner's weights and KV cache in place (numpy
-views, nothing copied). Where the CPU has AVX-512F its products run on packed copies of the weights, read as one
-stream each (csrc/packed_linear.h); elsewhere they go to the sgemm of the BLAS inside torch, found at run time.
-The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
+views, nothing copied). The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
 
-Where torch's MKL exports its bfloat16 GEMM and the CPU has bfloat16 arithmetic, the vocabulary argmax goes through
-a bfloat16 screen with a rigorous error bound and float32 recomputation of the ids it leaves (csrc/vocab_screen.h):
-the float32 argmax, computed mostly in bfloat16. The step keeps a bfloat16 copy of the projection's weight for it
-(half the weight's size). With the AVX-512 kernels on a CPU with AVX512-BF16 it also packs that copy for its own
-kernel (MKL's GEMM repacks the weight on every call): on AMX tiles for every row count, the plain copy then released;
-without AMX, with AVX512-BF16 at up to 8 rows.
+The step runs at an instruction-set level (ISA_LEVELS, csrc/isa.h): the highest this CPU supports, or a lower one
+asked for with `isa=` (LLM(..., cpu_isa=...)) or $CALM_CPU_ISA. At "generic" its products go to the sgemm of the
+BLAS inside torch, found at run time, and its loops are plain C++; from "avx2" up its products run on packed copies
+of the weights, each read as one stream (csrc/packed_linear.h), and its attention and SiLU are vectorised
+(csrc/step_kernels.h), 8 floats per register at "avx2", 16 from "avx512" up.
+
+The vocabulary argmax can go through a bfloat16 screen with a rigorous error bound and float32 recomputation of the
+ids it leaves (csrc/vocab_screen.h): the float32 argmax, computed mostly in bfloat16. The step keeps a bfloat16 copy
+of the projection's weight for it (half the weight's size): from "avx2" up packed for the level's kernel, AMX tiles
+at "amx", vdpbf16ps at "avx512_bf16" (up to 8 rows, MKL's bfloat16 GEMM above), float32 fused multiply-adds on the
+widened bfloat16 values at "avx2" and "avx512"; at "generic" MKL's bfloat16 GEMM, where torch exports it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,16 +65,40 @@ def torch_blas_addresses() -> BlasAddresses | None:
     return BlasAddresses(sgemm, set_threads_local, address("cblas_gemm_bf16bf16f32"))
 
 
-@functools.cache
-def cpu_has_bfloat16_arithmetic() -> bool:
-    """Whether the CPU multiplies bfloat16 natively (AMX-BF16 or AVX512-BF16, from /proc/cpuinfo). Elsewhere MKL's
-    bfloat16 GEMM converts to float32 first and the screen would only add work."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+# The C++ step's instruction-set levels, lowest first; each includes the ones before it (csrc/isa.h).
+ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
+ISA_ENV = "CALM_CPU_ISA"
+# Where the vocabulary screen is on by default: at the levels whose kernels multiply bfloat16 natively, and at
+# "avx2" / "avx512", where the packed bfloat16 copy halves the bytes the projection reads (benchmarks/RESULTS.md,
+# "CPU instruction-set levels"). At "generic" MKL's bfloat16 GEMM would convert to float32 first.
+SCREEN_BY_DEFAULT = {"generic": False, "avx2": True, "avx512": True, "avx512_bf16": True, "amx": True}
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The levels this CPU runs, lowest first (("generic",) where the extension is not built)."""
+    calm_cpu = model_runner._calm_cpu
+    if calm_cpu is None or not hasattr(calm_cpu, "supported_isas"):
+        return ("generic",)
+    return tuple(calm_cpu.supported_isas())
+
+
+def resolve_isa(isa: str | None = None, argument: str = "isa") -> str:
+    """The level to run: `isa`, else $CALM_CPU_ISA, else the highest this CPU supports. ValueError for an unknown
+    name or one this CPU cannot run, naming the levels it can (and `argument`, the name the caller gave `isa`)."""
+    source = argument
+    if isa is None and os.environ.get(ISA_ENV):
+        isa, source = os.environ[ISA_ENV], f"${ISA_ENV}"
+    supported = supported_isas()
+    if isa is None:
+        return supported[-1]
+    if not isinstance(isa, str) or isa not in ISA_LEVELS:
+        raise ValueError(
+            f"{source}={isa!r} is not an instruction-set level: choose one of {', '.join(ISA_LEVELS)} "
+            f"(this CPU runs {', '.join(supported)})"
+        )
+    if isa not in supported:
+        raise ValueError(f"{source}={isa!r}: this CPU does not run that level; it runs {', '.join(supported)}")
+    return isa
 
 
 def bfloat16_bits(weight: torch.Tensor) -> np.ndarray:
@@ -96,15 +124,16 @@ def available(runner: ModelRunner) -> bool:
 
 
 class CpuDecodeStep:
-    def __init__(self, runner: ModelRunner, screen_vocab: bool | None = None, avx512: bool | None = None):
-        """screen_vocab: the vocabulary argmax through the bfloat16 screen; None uses it where torch's MKL has the
-        bfloat16 GEMM, the CPU bfloat16 arithmetic and the projection finite rows (norm below 1e30); True insists
-        (an error where it cannot, whatever the CPU).
+    def __init__(self, runner: ModelRunner, screen_vocab: bool | None = None, isa: str | None = None):
+        """isa: the instruction-set level (ISA_LEVELS); None takes $CALM_CPU_ISA, else the highest this CPU runs.
+        From "avx2" up the step keeps a packed copy of every weight but the embeddings and the vocabulary projection
+        (18 MB on the small benchmark shape, 936 MB on CALM-M); at AVX-512 it ran the step 1.6x (small, batch 8) and
+        1.7x (CALM-M, batch 8) faster than torch's sgemm (benchmarks/RESULTS.md). "generic" keeps the sgemm and no
+        copy. `self.isa` is the level it runs.
 
-        avx512: the step's AVX-512F kernels (csrc/packed_linear.h, csrc/vector_math.h); None uses them where the CPU
-        has AVX-512F. They keep a packed copy of every weight but the embeddings and the vocabulary projection (18 MB
-        on the small benchmark shape, 936 MB on CALM-M) and ran the step 1.6x (small, batch 8) and 1.7x (CALM-M,
-        batch 8) faster than torch's sgemm (benchmarks/RESULTS.md); False keeps the sgemm and no copy."""
+        screen_vocab: the vocabulary argmax through the bfloat16 screen; None uses it where the level's default
+        (SCREEN_BY_DEFAULT) says so and the projection has finite rows (norm below 1e30); True insists (an error
+        where it cannot: non-finite rows, or "generic" without MKL's bfloat16 GEMM)."""
         if not available(runner):
             raise RuntimeError(
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
@@ -195,33 +224,34 @@ class CpuDecodeStep:
             "ae_norm": norm(decoder.norm),
             "lm_head": packed(decoder.lm_head_weight, None),
         }
+        self.isa = resolve_isa(isa)
         blas = torch_blas_addresses()
         projection = decoder.lm_head_weight
         norms = projection_row_norms(projection)
-        # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums.
-        screenable = blas.gemm_bf16 is not None and bool(norms.max() < 1e30)
+        # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums. From "avx2" up the
+        # level's own kernel computes the screen's products; at "generic" only MKL's GEMM can.
+        products = blas.gemm_bf16 is not None or self.isa != "generic"
+        screenable = products and bool(norms.max() < 1e30)
         if screen_vocab and not screenable:
             raise RuntimeError(
-                "CpuDecodeStep: the vocabulary screen needs torch's bfloat16 GEMM and finite projection weights"
+                "CpuDecodeStep: the vocabulary screen needs finite projection weights, and at the generic level "
+                "torch's bfloat16 GEMM"
             )
         if screen_vocab is None:
-            screen_vocab = screenable and cpu_has_bfloat16_arithmetic()
+            screen_vocab = screenable and SCREEN_BY_DEFAULT[self.isa]
         self.screen_vocab = screen_vocab
-        screen = (blas.gemm_bf16, bfloat16_bits(projection), norms.numpy()) if self.screen_vocab else None
+        screen = (blas.gemm_bf16 or 0, bfloat16_bits(projection), norms.numpy()) if self.screen_vocab else None
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
-        if avx512 is None:
-            avx512 = model_runner._calm_cpu.avx512_supported()
-        self.avx512 = avx512
         self._step = model_runner._calm_cpu.DecodeStep(
-            blas.sgemm, blas.set_threads_local, threads, spec, arrays, vocab_screen=screen, avx512=avx512
+            blas.sgemm, blas.set_threads_local, threads, spec, arrays, vocab_screen=screen, isa=self.isa
         )
 
     def run(self, ids, positions, slots, seeds, steps) -> torch.Tensor:
         """ids [B, K] at chunk positions [B] in slots [B] -> the next chunk [B, K], sampled at T = 1 with the
         noise of (seed, step) exactly as ModelRunner.sample_patches draws it. Integer CPU tensors or numpy arrays
         (the engine passes numpy: at batch 1 a step lasts ~0.7 ms, and each tensor built costs ~20 us)."""
-        noise = self._noise(torch.as_tensor(seeds), torch.as_tensor(steps))
+        noise = self._noise(seeds, steps)
         out = self._step.run(np.asarray(ids), np.asarray(positions), np.asarray(slots), noise)
         return torch.from_numpy(out)
 
@@ -246,6 +276,14 @@ class CpuDecodeStep:
         """Rows of the last call's vocabulary argmax that the screen left open and the step projected in full."""
         return self._step.screen_fallback_rows
 
-    def _noise(self, seeds: torch.Tensor, steps: torch.Tensor):
-        noise = self.runner.noise(seeds, steps * COUNTERS_PER_STEP, 1, self.runner.config.noise_size)[:, 0]
+    def _noise(self, seeds, steps) -> np.ndarray:
+        """The noise [B, noise] of each row's (seed, step), as ModelRunner.sample_patches draws it at T = 1."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        counters = np.asarray(steps, dtype=np.int64) * COUNTERS_PER_STEP
+        dim = self.runner.config.noise_size
+        if self.runner.noise is model_runner.philox_noise:
+            # philox_noise's own C++ loop, on numpy: a tensor operation between two steps made the next step ~0.1 ms
+            # slower at batch 8 (small shape, AVX2 level)
+            return model_runner._calm_cpu.philox_uniform(seeds, counters, 1, dim)[:, 0]
+        noise = self.runner.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, dim)[:, 0]
         return noise.contiguous().numpy()

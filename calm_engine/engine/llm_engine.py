@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from calm_engine.engine.cpu_step import CpuDecodeStep
 from calm_engine.engine.cpu_step import available as cpu_step_available
+from calm_engine.engine.cpu_step import resolve_isa as resolve_cpu_isa
 from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner, EagerCapture, default_buckets
 from calm_engine.engine.kv_cache import SlotKVCache, capacity_for
 from calm_engine.engine.model_runner import MAX_POOLS, ModelRunner, NoiseFn, SamplingBatch, philox_noise
@@ -80,10 +81,12 @@ class LLMEngine:
         use_cuda_graph: bool | None = None,
         cuda_graph_buckets: list[int] | None = None,
         use_cpu_step: bool = True,
-        cpu_step_avx512: bool | None = None,
+        cpu_isa: str | None = None,
     ):
-        """cpu_step_avx512: the C++ step's AVX-512 kernels (cpu_step.CpuDecodeStep's `avx512`); None uses them where
-        the CPU has AVX-512F. They keep packed copies of the weights (their size again); False keeps torch's sgemm."""
+        """cpu_isa: the C++ step's instruction-set level, one of cpu_step.ISA_LEVELS ("generic", "avx2", "avx512",
+        "avx512_bf16", "amx"); None takes $CALM_CPU_ISA, else the highest the CPU runs (cpu_step.CpuDecodeStep's
+        `isa`). From "avx2" up the step keeps packed copies of the weights (their size again); "generic" keeps
+        torch's sgemm. A name the CPU cannot run is a ValueError naming the levels it can."""
         if prompt_padding not in PROMPT_PADDING:
             raise ValueError(f"prompt_padding must be one of {list(PROMPT_PADDING)}, got {prompt_padding!r}")
         if isinstance(sample_pool_memory, bool) or not isinstance(sample_pool_memory, int) or sample_pool_memory < 1:
@@ -102,8 +105,10 @@ class LLMEngine:
         # A token-level model draws one token per row whatever num_samples says: no pool.
         self.sample_row_bytes = sample_row_bytes(model) if isinstance(self.runner, ModelRunner) else 0
         # T = 1 decode steps of a float32 CALM model on CPU run as one C++ call when csrc/ is built (cpu_step.py).
+        if cpu_isa is not None:
+            resolve_cpu_isa(cpu_isa, "cpu_isa")  # a bad level is an error even where the C++ step does not run
         use_cpu_step = use_cpu_step and isinstance(self.runner, ModelRunner) and cpu_step_available(self.runner)
-        self.cpu_step = CpuDecodeStep(self.runner, avx512=cpu_step_avx512) if use_cpu_step else None
+        self.cpu_step = CpuDecodeStep(self.runner, isa=cpu_isa) if use_cpu_step else None
         if use_cuda_graph is None:
             use_cuda_graph = model.device.type == "cuda"
         self.graphs = None
@@ -381,7 +386,7 @@ class LLM:
     model: a checkpoint directory (CALM or token-level Llama), a loaded CalmModel / TokenLlama, or None for the shipped
     default model. Remaining keywords
     go to LLMEngine (max_batch_size, max_model_len, kv_cache_memory, prompt_padding, noise, seed, use_cuda_graph,
-    cuda_graph_buckets, use_cpu_step, cpu_step_avx512, sample_pool_memory).
+    cuda_graph_buckets, use_cpu_step, cpu_isa, sample_pool_memory).
     """
 
     def __init__(

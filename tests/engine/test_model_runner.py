@@ -103,11 +103,16 @@ def test_decode_argmax_matches_reference(shape, chunked, monkeypatch):
 
 
 def test_project_argmax_keeps_the_first_of_equal_maxima(monkeypatch):
+    """Equal rows in three vocabulary blocks hold the largest logit. Small integers make every logit exact in float32
+    whatever the BLAS's summation order (it differs with a column's position in the block on AVX2 builds, which broke
+    ties of equal random rows), so the maxima are equal on every CPU and only the tie rule decides."""
     monkeypatch.setattr(model_runner_module, "LOGITS_PER_CHUNK", 2 * 5)
     monkeypatch.setattr(model_runner_module, "ROW_BLOCK", 2)
-    weight = torch.randn(17, 6)
-    weight[3] = weight[14] = weight[9]  # equal rows in three different vocabulary blocks
-    x = weight[9].expand(3, -1) * 10  # their logit is the largest
+    weight = torch.randint(-3, 4, (17, 6)).float()
+    weight[3] = weight[14] = weight[9] = torch.tensor([4.0, -4.0, 4.0, 4.0, -4.0, 4.0])
+    x = weight[9].expand(3, -1).clone()  # x.w_9 = 96 > 6 * 4 * 3 >= x.w for every other row
+    logits = x @ weight.T
+    assert torch.equal(logits[:, 3], logits[:, 9]) and torch.equal(logits[:, 9], logits[:, 14])
     assert model_runner_module.project_argmax(x, weight).tolist() == [3, 3, 3]
 
 
