@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from calm_engine.engine import model_runner
+from calm_engine.engine.kv_cache import SlotKVCache
 from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
+from calm_engine.engine.weights import Linear, ModelWeights, Norm
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,97 @@ def available(runner: ModelRunner) -> bool:
     )
 
 
+def legacy_step_spec(
+    weights: ModelWeights, cache: SlotKVCache, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+) -> tuple[dict, list[np.ndarray]]:
+    """The C++ step's constructor arguments as today's csrc reads them: a string-keyed spec whose entries index a list
+    of float32 arrays (numpy views of the weights and the KV cache: the step reads the very same memory).
+
+    At the merge with the typed binding (calm_engine/engine/step/native_weights.py) this function goes: the step is
+    then built from `native_step_weights(weights, cache.keys, cache.values, rope_cos, rope_sin)`."""
+    arrays: list[np.ndarray] = []
+
+    def index(tensor: torch.Tensor | None) -> int:
+        if tensor is None:
+            return -1
+        if not tensor.is_contiguous() or tensor.dtype != torch.float32:
+            raise ValueError("CpuDecodeStep: weights must be contiguous float32")
+        arrays.append(tensor.detach().numpy())
+        return len(arrays) - 1
+
+    def linear(linear: Linear) -> tuple[int, int]:
+        return index(linear.weight), index(linear.bias)
+
+    def norm(norm: Norm) -> tuple[int, int, float]:
+        return index(norm.weight), index(norm.bias), norm.eps
+
+    shapes, backbone, compression, head, decoder = (
+        weights.shapes, weights.backbone, weights.compression, weights.head, weights.decoder,
+    )  # fmt: skip
+    spec = {
+        "hidden": shapes.hidden,
+        "heads": shapes.heads,
+        "kv_heads": shapes.kv_heads,
+        "head_dim": shapes.head_dim,
+        "patch": shapes.chunk_size,
+        "noise": shapes.noise,
+        "latent": shapes.latent,
+        "ae_hidden": shapes.decoder_hidden,
+        "vocab": shapes.vocab,
+        "capacity": cache.capacity,
+        "slots": cache.slots,
+        "act": shapes.activation,
+        "ae_act": shapes.decoder_activation,
+        "embed": index(backbone.embed),
+        "compress0": linear(compression.first),
+        "compress2": linear(compression.second),
+        "compress_norm": norm(compression.norm),
+        "rope_cos": index(rope_cos),
+        "rope_sin": index(rope_sin),
+        "layers": [
+            {
+                "input_norm": norm(layer.input_norm),
+                "qkv": linear(layer.qkv),
+                "o": linear(layer.o),
+                "post_norm": norm(layer.post_norm),
+                "gate_up": linear(layer.mlp.gate_up),
+                "down": linear(layer.mlp.down),
+                "keys": index(cache.keys[i]),
+                "values": index(cache.values[i]),
+            }
+            for i, layer in enumerate(backbone.layers)
+        ],
+        "final_norm": norm(backbone.norm),
+        "hidden_embd": linear(head.hidden_embed),
+        "noise_embd": linear(head.noise_embed),
+        "norm_hidden": norm(head.hidden_norm),
+        "norm_noise": norm(head.noise_norm),
+        "head_blocks": [
+            {
+                "in_ln": norm(block.norm),
+                "noise_half": linear(block.noise_half),
+                "hidden_half": linear(block.hidden_half),
+                "second": linear(block.second),
+                "third": linear(block.third),
+                "down": linear(block.down),
+            }
+            for block in head.blocks
+        ],
+        "final_ln": norm(head.final_norm),
+        "final0": linear(head.final_first),
+        "final2": linear(head.final_second),
+        "latent_to_hidden": linear(decoder.latent_to_hidden),
+        "expand": linear(decoder.expand),
+        "ae_layers": [
+            {"norm": norm(layer.norm), "gate_up": linear(layer.mlp.gate_up), "down": linear(layer.mlp.down)}
+            for layer in decoder.layers
+        ],
+        "ae_norm": norm(decoder.norm),
+        "lm_head": (index(decoder.projection), -1),
+    }
+    return spec, arrays
+
+
 class CpuDecodeStep:
     def __init__(self, runner: ModelRunner, screen_vocab: bool | None = None, isa: str | None = None):
         """isa: the instruction-set level (ISA_LEVELS); None takes $CALM_CPU_ISA, else the highest this CPU runs.
@@ -139,94 +232,10 @@ class CpuDecodeStep:
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
             )
         self.runner = runner
-        arrays: list = []
-
-        def index(tensor: torch.Tensor | None) -> int:
-            if tensor is None:
-                return -1
-            if not tensor.is_contiguous() or tensor.dtype != torch.float32:
-                raise ValueError("CpuDecodeStep: weights must be contiguous float32")
-            arrays.append(tensor.detach().numpy())  # a view: the step reads the very same memory
-            return len(arrays) - 1
-
-        def linear(module) -> tuple[int, int]:
-            return index(module.weight), index(module.bias)
-
-        def packed(weight, bias) -> tuple[int, int]:
-            return index(weight), index(bias)
-
-        def norm(module) -> tuple[int, int, float]:  # RMSNorm (no bias) or LayerNorm
-            return index(module.weight), index(getattr(module, "bias", None)), float(module.eps)
-
-        model, config, cache = runner.model, runner.config, runner.cache
-        proj = model.embed_proj
-        head = runner.head
-        decoder = runner.decoder
-        ae_config = model.autoencoder.config
-        spec = {
-            "hidden": config.hidden_size,
-            "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads,
-            "head_dim": config.head_dim,
-            "patch": config.patch_size,
-            "noise": config.noise_size,
-            "latent": config.latent_size,
-            "ae_hidden": ae_config.hidden_size,
-            "vocab": config.vocab_size,
-            "capacity": cache.capacity,
-            "slots": cache.slots,
-            "act": config.hidden_act,
-            "ae_act": ae_config.hidden_act,
-            "embed": index(model.backbone.embed_tokens.weight),
-            "compress0": linear(proj[0]),
-            "compress2": linear(proj[2]),
-            "compress_norm": norm(proj[3]),
-            "rope_cos": index(runner.rope_cos),
-            "rope_sin": index(runner.rope_sin),
-            "layers": [
-                {
-                    "input_norm": norm(layer.input_norm),
-                    "qkv": packed(layer.qkv_weight, layer.qkv_bias),
-                    "o": linear(layer.o_proj),
-                    "post_norm": norm(layer.post_norm),
-                    "gate_up": packed(layer.mlp.gate_up_weight, layer.mlp.gate_up_bias),
-                    "down": linear(layer.mlp.down),
-                    "keys": index(cache.keys[i]),
-                    "values": index(cache.values[i]),
-                }
-                for i, layer in enumerate(runner.layers)
-            ],
-            "final_norm": norm(model.backbone.norm),
-            "hidden_embd": linear(head.hidden_embd),
-            "noise_embd": linear(head.noise_embd),
-            "norm_hidden": norm(head.norm_hidden),
-            "norm_noise": norm(head.norm_noise),
-            "head_blocks": [
-                {
-                    "in_ln": norm(block.in_ln),
-                    "noise_half": packed(block.noise_weight, None),
-                    "hidden_half": packed(block.hidden_weight, block.first_bias),
-                    "second": linear(block.second),
-                    "third": linear(block.third),
-                    "down": linear(block.down),
-                }
-                for block in runner.head_blocks
-            ],
-            "final_ln": norm(head.final_layer.in_ln),
-            "final0": linear(head.final_layer.linears[0]),
-            "final2": linear(head.final_layer.linears[2]),
-            "latent_to_hidden": linear(decoder.latent_to_hidden),
-            "expand": linear(decoder.expand_layer),
-            "ae_layers": [
-                {"norm": norm(n), "gate_up": packed(mlp.gate_up_weight, mlp.gate_up_bias), "down": linear(mlp.down)}
-                for n, mlp in runner.decoder_layers
-            ],
-            "ae_norm": norm(decoder.norm),
-            "lm_head": packed(decoder.lm_head_weight, None),
-        }
+        spec, arrays = legacy_step_spec(runner.weights, runner.cache, runner.rope_cos, runner.rope_sin)
         self.isa = resolve_isa(isa)
         blas = torch_blas_addresses()
-        projection = decoder.lm_head_weight
+        projection = runner.weights.decoder.projection
         norms = projection_row_norms(projection)
         # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums. From "avx2" up the
         # level's own kernel computes the screen's products; at "generic" only MKL's GEMM can.
