@@ -321,7 +321,7 @@ def plan_test_shapes(recorder: Recorder) -> None:
                 config, weights = model.autoencoder.config, ModelWeights.of(model)
                 encoder = encoder_weights(model.autoencoder)
                 for rows in cases.AE_ROWS:
-                    ids = torch.randint(0, config.vocab_size, (rows, config.patch_size))
+                    ids = torch.randint(0, config.vocab_size, (rows, config.chunk_size))
                     ae_encode.ae_encode(encoder, ids)
                     ae_encode.compress(weights.compression, weights.backbone.embed, ids)
                     latents = torch.randn(rows, config.latent_size, dtype=dtype)
@@ -355,9 +355,9 @@ def plan_calm_m(recorder: Recorder) -> None:
             energy_head.energy_head(weights.head, hidden, seeds, seeds, samples)
             latents = torch.empty(size["decode_rows"], config.latent_size, dtype=dtype)
             ae_decode.decode_argmax(weights.decoder, latents)
-            ids = torch.zeros(size["encode_rows"], config.patch_size, dtype=torch.long)
+            ids = torch.zeros(size["encode_rows"], config.chunk_size, dtype=torch.long)
             ae_encode.ae_encode(encoder, ids)
-            ids = torch.zeros(size["batch"], config.patch_size, dtype=torch.long)
+            ids = torch.zeros(size["batch"], config.chunk_size, dtype=torch.long)
             ae_encode.compress(weights.compression, weights.backbone.embed, ids)
             batch, heads, dim = size["batch"], config.num_attention_heads, config.head_dim
             q = torch.empty(batch, heads, dim, dtype=dtype)
@@ -410,7 +410,7 @@ def _plan_engine_dtype(recorder: Recorder, name: str, dtype) -> None:
             inv_frac=torch.zeros(rows, dtype=torch.float64), pools=torch.full((rows,), pools), max_pools=pools,
         )  # fmt: skip
         positions = torch.linspace(0, config.max_chunks - 1, rows).long()
-        ids = torch.zeros(rows, config.patch_size, dtype=torch.long)
+        ids = torch.zeros(rows, config.chunk_size, dtype=torch.long)
         graphs.run(ids, positions, torch.arange(rows), batch)
         if samples > 1:
             # On CUDA the choice uniforms come from the noise kernel (noise.philox_noise); on host tensors that

@@ -66,7 +66,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     generator = torch.Generator().manual_seed(0)
     for batch in args.batch:
-        ids = torch.randint(3, config.vocab_size, (batch, config.patch_size), generator=generator)
+        ids = torch.randint(3, config.vocab_size, (batch, config.chunk_size), generator=generator)
         positions, slots = torch.full((batch,), args.position), torch.arange(batch)
         seeds, counters = torch.arange(batch) + 1, torch.zeros(batch, dtype=torch.long)
         outputs = {name: step.run(ids, positions, slots, seeds, counters) for name, step in steps.items()}

@@ -24,26 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import calm_engine  # noqa: E402
 from calm_engine import LLM, SamplingParams  # noqa: E402
-from calm_engine.brierlm import BrierLMConfig, evaluate_brierlm, read_texts  # noqa: E402
+from calm_engine.brierlm import BrierLMConfig, evaluate_brierlm  # noqa: E402
+from calm_engine.brierlm_cli import read_texts  # noqa: E402
 from calm_engine.model.checkpoint import DEFAULT_MODEL_DIR  # noqa: E402
 from calm_engine.train.autoencoder import reconstruction_accuracy  # noqa: E402
 
 SPEED_PROMPT = "The history of the city"
 
 
-def chunk_aligned_ids(texts: list[str], tokenizer, patch_size: int) -> torch.Tensor:
+def chunk_aligned_ids(texts: list[str], tokenizer, chunk_size: int) -> torch.Tensor:
     """All texts' tokens, each text cut to whole chunks (the autoencoder encodes chunks on their own)."""
     ids = []
     for text in texts:
         tokens = tokenizer.encode(text)
-        ids += tokens[: len(tokens) // patch_size * patch_size]
+        ids += tokens[: len(tokens) // chunk_size * chunk_size]
     return torch.tensor(ids, dtype=torch.int64)
 
 
 def autoencoder_rows(model, sets: dict[str, list[str]]) -> list[dict]:
     rows = []
     for name, texts in sets.items():
-        ids = chunk_aligned_ids(texts, model.tokenizer, model.config.patch_size)
+        ids = chunk_aligned_ids(texts, model.tokenizer, model.config.chunk_size)
         generator = torch.Generator().manual_seed(0)
         rows.append(
             {

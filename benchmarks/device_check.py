@@ -334,7 +334,7 @@ def engine_check(ctx: Context) -> Iterator[Row]:
         fast = torch_step(model, make_cache(), use_kernels=not ctx.dry_run)
         plain = torch_step(model, make_cache(), use_kernels=False)
         graphs = GraphStep(fast, [1, 2, 4, 8], EagerCapture() if ctx.dry_run else CudaGraphCapture())
-        ids = torch.randint(0, config.vocab_size, (3, config.patch_size), device=ctx.device)
+        ids = torch.randint(0, config.vocab_size, (3, config.chunk_size), device=ctx.device)
         capacity = fast.cache.capacity
         positions = torch.tensor([0, capacity // 3, capacity - 1], device=ctx.device)
         slots = torch.tensor([2, 0, 1], device=ctx.device)
@@ -444,7 +444,7 @@ def steps_check(ctx: Context) -> Iterator[Row]:
     weights = step_weight_bytes(model)
     config = model.config
     for bucket in graphs.buckets:
-        ids = torch.randint(0, config.vocab_size, (bucket, config.patch_size), device=ctx.device)
+        ids = torch.randint(0, config.vocab_size, (bucket, config.chunk_size), device=ctx.device)
         positions = torch.randint(0, step.cache.capacity, (bucket,), device=ctx.device)
         slots = torch.arange(bucket, device=ctx.device)
         batch = _sampling(bucket, 1, 1, 0, ctx.device)
@@ -453,7 +453,7 @@ def steps_check(ctx: Context) -> Iterator[Row]:
             yield Row("steps", f"{shape} decode step B={bucket}", "fp32", note="eager capture, not timed (dry run)")
             continue
         seconds = bench(ctx, lambda: graphs.run(ids, positions, slots, batch))  # noqa: B023
-        tokens = bucket * config.patch_size / seconds
+        tokens = bucket * config.chunk_size / seconds
         row = Row("steps", f"CALM-M decode step B={bucket} (graph)", "bf16", seconds, note=f"{tokens:,.0f} tokens/s")
         if bucket == 1:
             row.floor = weights / ctx.bandwidth

@@ -62,7 +62,7 @@ def time_engine(llm: LLM, batch: int, prompt_len: int, new_tokens: int, params: 
         start = time.perf_counter()
         llm.generate(prompts, params)
         seconds.append(time.perf_counter() - start)
-    steps = -(-new_tokens // llm.model.config.patch_size)
+    steps = -(-new_tokens // llm.model.config.chunk_size)
     median = statistics.median(seconds)
     return {
         "seconds": median,
@@ -128,7 +128,7 @@ def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: Sampling
     same step's matrix products alone; the two alternate, so both see the same machine."""
     engine = llm.engine
     config = llm.model.config
-    params = dataclasses.replace(params, max_tokens=(rounds + 2) * config.patch_size)  # every timed step decodes
+    params = dataclasses.replace(params, max_tokens=(rounds + 2) * config.chunk_size)  # every timed step decodes
     prompts = random_prompts(config.vocab_size, batch, prompt_len, 1, {config.pad_token_id, *config.eos_token_ids})
     for i, prompt in enumerate(prompts):
         engine.add_request(f"floor-{i}", prompt, params)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import calm_engine  # noqa: E402
 from calm_engine import LLM, SamplingParams  # noqa: E402
-from calm_engine.brierlm import read_texts  # noqa: E402
+from calm_engine.brierlm_cli import read_texts  # noqa: E402
 
 
 def cut_prompts(texts: list[str], tokenizer, count: int, context: int, follow: int, seed: int):
@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     model = calm_engine.load(args.model)
-    k = model.config.patch_size
+    k = model.config.chunk_size
     context = min(256, model.config.max_chunks * k - args.follow - 2 * k)  # room for a padded prompt and the answer
     pairs = cut_prompts(read_texts(args.data), model.tokenizer, args.prompts, context, args.follow, args.seed)
     params = [
@@ -58,7 +58,7 @@ def main() -> None:
         for i in range(len(pairs))
     ]
     prompts = [prompt for prompt, _ in pairs]
-    report = {"prompts": len(pairs), "patch_size": k, "temperature": args.temperature, "rules": {}}
+    report = {"prompts": len(pairs), "chunk_size": k, "temperature": args.temperature, "rules": {}}
     for rule in ("right", "left"):
         outputs = LLM(model, max_batch_size=32, prompt_padding=rule).generate(prompts, params)
         by_remainder = {}

@@ -17,10 +17,10 @@ ROWS, SAMPLES, K = 8, 200, 4
 
 def pool(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    patches = torch.randint(0, 3, (ROWS, SAMPLES, K), generator=generator)
+    chunks = torch.randint(0, 3, (ROWS, SAMPLES, K), generator=generator)
     valid = torch.ones(ROWS, SAMPLES, dtype=torch.bool)
     inv_floor, inv_frac = torch.full((ROWS,), 1), torch.full((ROWS,), 1 / 0.7 - 1, dtype=torch.float64)
-    return patches, valid, inv_floor, inv_frac, torch.rand(ROWS, SAMPLES, generator=generator)
+    return chunks, valid, inv_floor, inv_frac, torch.rand(ROWS, SAMPLES, generator=generator)
 
 
 @pytest.mark.parametrize("implementation", ["csrc", "tensor_ops"])
@@ -35,8 +35,8 @@ def test_exact_choice(benchmark, implementation):
 
 def test_pool_counts(benchmark):
     torch.set_num_threads(2)
-    patches, valid, *_ = pool()
-    benchmark(sampler.pool_counts, patches, valid)
+    chunks, valid, *_ = pool()
+    benchmark(sampler.pool_counts, chunks, valid)
 
 
 def test_approximate_choice(benchmark):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import calm_engine
-from calm_engine.brierlm import add_brierlm_arguments, run_brierlm
+from calm_engine.brierlm_cli import add_brierlm_arguments, run_brierlm
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import is_autoencoder_checkpoint, load, load_autoencoder

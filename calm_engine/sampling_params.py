@@ -62,7 +62,7 @@ class SamplingParams:
         if self.temperature < 1 and self.sampler == "approximate" and self.num_samples < self.inverse_floor:
             raise ValueError(
                 f"num_samples={self.num_samples} is below n=floor(1/T)={self.inverse_floor}: the approximate sampler "
-                "needs at least n samples to see a patch n times"
+                "needs at least n samples to see a chunk n times"
             )
         for name in ("ignore_eos", "keep_eos_chunk"):
             if not isinstance(getattr(self, name), bool):

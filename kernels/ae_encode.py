@@ -30,9 +30,9 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, stride_xm, stride_om, ep
     tl.store(out_ptr + row * stride_om + cols, (centred * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_ids(name: str, ids: torch.Tensor, patch: int, vocab: int) -> None:
-    if ids.dim() != 2 or ids.shape[1] != patch:
-        raise ValueError(f"{name}: ids must be [M, K={patch}], got {list(ids.shape)}")
+def _check_ids(name: str, ids: torch.Tensor, chunk: int, vocab: int) -> None:
+    if ids.dim() != 2 or ids.shape[1] != chunk:
+        raise ValueError(f"{name}: ids must be [M, K={chunk}], got {list(ids.shape)}")
     check_int(name, "ids", ids, tuple(ids.shape))
     # Range checks need a host sync; the engine validates ids on the host before they reach the device.
     if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):

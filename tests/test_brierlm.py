@@ -11,20 +11,10 @@ import math
 import pytest
 import torch
 
-from calm_engine.brierlm import (
-    BranchedContinuations,
-    BrierLMConfig,
-    add_brierlm_arguments,
-    brierlm_score,
-    calm_brier_estimates,
-    calm_start_positions,
-    evaluate_brierlm,
-    rollout_steps,
-    run_brierlm,
-    split_blocks,
-    token_brier_estimates,
-    tokenize_documents,
-)
+from calm_engine.brier_estimates import calm_brier_estimates, calm_start_positions, rollout_steps, token_brier_estimates
+from calm_engine.brierlm import BrierLMConfig, brierlm_score, evaluate_brierlm, split_blocks, tokenize_documents
+from calm_engine.brierlm_cli import add_brierlm_arguments, run_brierlm
+from calm_engine.model.branches import BranchedContinuations
 from calm_engine.model.checkpoint import save_calm
 from tests.conftest import assert_rel_close
 from tests.model_factory import context_sensitive_model, random_calm_model, random_token_llama
@@ -38,7 +28,7 @@ ROLLOUT_NOISE_SCALE = 0.2
 def own_generation(model, rows: int, chunks: int, seed: int) -> torch.Tensor:
     """Token ids the model itself produces with zero noise after a random first chunk, so that its samples often
     match the targets and every term of the estimator is exercised."""
-    k = model.config.patch_size
+    k = model.config.chunk_size
     ids = torch.randint(3, model.config.vocab_size, (rows, k), generator=torch.Generator().manual_seed(seed))
     for _ in range(chunks - 1):
         hidden = model.hidden_states(ids)[:, -1]
@@ -52,7 +42,7 @@ def plain_calm_estimates(model, ids: torch.Tensor, noise: torch.Tensor, rollout_
 
     ids [n*K] (unpadded), noise [2, n-1, noise], rollout_noise [s-1, 2, P, noise]; every roll-out runs in full.
     """
-    k = model.config.patch_size
+    k = model.config.chunk_size
     steps = rollout_steps(k)
 
     def sample_pair(context: torch.Tensor, pair_noise: torch.Tensor) -> tuple[list, list]:
@@ -127,7 +117,7 @@ def test_branched_continuations_equal_full_forward_passes(kind):
         def embed(ids):
             return model.backbone.embed_tokens(ids)
 
-    k, vocab = model.config.patch_size, model.config.vocab_size
+    k, vocab = model.config.chunk_size, model.config.vocab_size
     batch, chunks, start, stop, steps = 2, 9, 2, 7, 3
     block = torch.randint(0, vocab, (batch, chunks * k))
     inputs = torch.randint(0, vocab, (steps, batch, stop - start, k))

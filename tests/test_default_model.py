@@ -19,7 +19,7 @@ def default_llm():
 
 def test_load_without_a_path_gives_the_default_calm_model():
     model = calm_engine.load()
-    assert isinstance(model, CalmModel) and model.config.patch_size == 4
+    assert isinstance(model, CalmModel) and model.config.chunk_size == 4
     text = "The history of the city, and thy noble father."
     assert model.tokenizer.decode(model.tokenizer.encode(text)) == text
     baseline = calm_engine.load(default_model_path("token_baseline"))

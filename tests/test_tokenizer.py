@@ -108,7 +108,7 @@ def test_text_helpers(tmp_path, hf_tokenizer_dir):
     model = calm_engine.load(tmp_path / "calm")
     text = "the history of the city"
     ids = tokenizer.encode(text)
-    k = model.config.patch_size
+    k = model.config.chunk_size
     padded = torch.tensor([ids + [0] * (-len(ids) % k)])
     latents, num_tokens = model.encode_text(text)
     assert torch.equal(latents, model.autoencoder.encode(padded)[0][0]) and num_tokens == len(ids)

@@ -48,15 +48,15 @@ class SlotKVCache:
             raise KVCacheError(f"max_batch_size must be >= 1, got {slots}")
         if not 1 <= capacity <= config.max_chunks:
             raise KVCacheError(
-                f"max_model_len must give between 1 and {config.max_chunks} chunks of K={config.patch_size} tokens "
-                f"(the model's context is {config.max_chunks * config.patch_size} tokens), got {capacity} chunks"
+                f"max_model_len must give between 1 and {config.max_chunks} chunks of K={config.chunk_size} tokens "
+                f"(the model's context is {config.max_chunks * config.chunk_size} tokens), got {capacity} chunks"
             )
         needed = kv_cache_bytes(config, slots, capacity, dtype)
         if budget_bytes is not None and needed > budget_bytes:
             fit = max(0, budget_bytes // kv_cache_bytes(config, 0, capacity, dtype) - 1)
             raise KVCacheError(
                 f"the KV cache needs {needed / 2**30:.2f} GiB for max_batch_size={slots} x max_model_len="
-                f"{capacity * config.patch_size} tokens, over the budget of {budget_bytes / 2**30:.2f} GiB; "
+                f"{capacity * config.chunk_size} tokens, over the budget of {budget_bytes / 2**30:.2f} GiB; "
                 f"at this max_model_len at most {fit} requests fit: lower max_batch_size or max_model_len, or raise "
                 "kv_cache_memory"
             )
@@ -74,4 +74,4 @@ def capacity_for(config: CalmConfig, max_model_len: int | None) -> int:
         return config.max_chunks
     if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
         raise KVCacheError(f"max_model_len must be a positive number of tokens, got {max_model_len!r}")
-    return math.ceil(max_model_len / config.patch_size)
+    return math.ceil(max_model_len / config.chunk_size)

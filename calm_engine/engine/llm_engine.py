@@ -62,7 +62,7 @@ class LLMEngine:
         self.model = model
         self.config = model.config  # the model's config (what calm_engine.serve reads); the engine's is engine_config
         self.engine_config = config
-        self.chunk_size = model.config.patch_size
+        self.chunk_size = model.config.chunk_size
         capacity = capacity_for(model.config, config.max_model_len)
         self.cache = SlotKVCache(
             model.config, config.max_batch_size, capacity, model.device, model.dtype, config.kv_cache_memory
@@ -306,7 +306,7 @@ class LLM:
 def sample_row_bytes(model: CalmModel) -> int:
     """Bytes one head sample holds at the peak of a sampling step, from the shapes: its noise (float32), the head's
     live activations (about 8 of width hidden_size), the autoencoder decoder's over its K tokens (a gated MLP: 3 of
-    width intermediate and 3 of width hidden per token) and the sampler's int64 copies of the patch.
+    width intermediate and 3 of width hidden per token) and the sampler's int64 copies of the chunk.
 
     Measured on the default model as the growth of resident memory during a step with a pool of 5,000 to 20,000
     samples: 50-68 KB per sample over six runs; this gives 55 KB (tests/engine/test_engine.py measures it again).
@@ -314,5 +314,5 @@ def sample_row_bytes(model: CalmModel) -> int:
     config, ae = model.config, model.autoencoder.config
     element = torch.empty((), dtype=model.dtype).element_size()
     head = 8 * config.hidden_size + config.latent_size
-    decoder = 3 * ae.hidden_size + config.patch_size * 3 * (ae.hidden_size + ae.intermediate_size)
-    return 4 * config.noise_size + element * (head + decoder) + 4 * 8 * config.patch_size
+    decoder = 3 * ae.hidden_size + config.chunk_size * 3 * (ae.hidden_size + ae.intermediate_size)
+    return 4 * config.noise_size + element * (head + decoder) + 4 * 8 * config.chunk_size

@@ -27,7 +27,7 @@ class Request:
     fed_prompt: list[int]
     params: SamplingParams
     seed: int
-    patch_size: int
+    chunk_size: int
     stop_ids: frozenset[int]  # ids that end the request: the model's EOS ids (unless ignored) and params.stop_token_ids
     status: Status = Status.WAITING
     slot: int | None = None
@@ -40,7 +40,7 @@ class Request:
 
     @property
     def prompt_chunks(self) -> int:
-        return len(self.fed_prompt) // self.patch_size
+        return len(self.fed_prompt) // self.chunk_size
 
     @property
     def next_position(self) -> int:

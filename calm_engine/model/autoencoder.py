@@ -34,15 +34,15 @@ class Encoder(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.encoder_layers = nn.ModuleList(AELayer(config) for _ in range(config.num_encoder_layers))
-        self.squeeze_layer = nn.Linear(config.patch_size * config.hidden_size, config.hidden_size)
+        self.squeeze_layer = nn.Linear(config.chunk_size * config.hidden_size, config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hidden_to_latent = nn.Linear(config.hidden_size, 2 * config.latent_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, n*K] -> [B, n, 2*latent]."""
         batch, length = ids.shape
-        chunks = length // self.config.patch_size
-        x = self.embed_tokens(ids.reshape(batch * chunks, self.config.patch_size))
+        chunks = length // self.config.chunk_size
+        x = self.embed_tokens(ids.reshape(batch * chunks, self.config.chunk_size))
         stage = len(self.encoder_layers) // 2
         for layer in self.encoder_layers[:stage]:
             x = layer(x)
@@ -60,7 +60,7 @@ class Decoder(nn.Module):
         self.config = config
         self.latent_to_hidden = nn.Linear(config.latent_size, config.hidden_size)
         self.decoder_layers = nn.ModuleList(AELayer(config) for _ in range(config.num_decoder_layers))
-        self.expand_layer = nn.Linear(config.hidden_size, config.patch_size * config.hidden_size)
+        self.expand_layer = nn.Linear(config.hidden_size, config.chunk_size * config.hidden_size)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Tied to encoder.embed_tokens.weight by Autoencoder; a checkpoint that stores a different tensor unties it.
         self.lm_head_weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
@@ -72,7 +72,7 @@ class Decoder(nn.Module):
         stage = len(self.decoder_layers) // 2
         for layer in self.decoder_layers[:stage]:
             x = layer(x)
-        x = self.expand_layer(x).reshape(batch, chunks * self.config.patch_size, -1)
+        x = self.expand_layer(x).reshape(batch, chunks * self.config.chunk_size, -1)
         for layer in self.decoder_layers[stage:]:
             x = layer(x)
         return self.norm(x)
@@ -101,7 +101,7 @@ class Autoencoder(nn.Module):
 
     def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, n*K] int -> (mean, log_std), each [B, n, latent]."""
-        check_token_ids(ids, self.config.vocab_size, self.config.patch_size)
+        check_token_ids(ids, self.config.vocab_size, self.config.chunk_size)
         mean, log_std = self.encoder(ids).chunk(2, dim=-1)
         return mean, log_std
 
@@ -123,15 +123,15 @@ class Autoencoder(nn.Module):
             raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
 
 
-def check_token_ids(ids: torch.Tensor, vocab_size: int, patch_size: int) -> None:
+def check_token_ids(ids: torch.Tensor, vocab_size: int, chunk_size: int) -> None:
     """Validate a [B, n*K] batch of token ids; names the problem instead of failing deep inside an embedding."""
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"token ids must be a 2-D tensor [batch, length], got {shape}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token ids must be an integer tensor (int64 or int32), got {ids.dtype}")
-    if ids.shape[1] == 0 or ids.shape[1] % patch_size:
-        raise ValueError(f"token ids length {ids.shape[1]} is not a positive multiple of the chunk size K={patch_size}")
+    if ids.shape[1] == 0 or ids.shape[1] % chunk_size:
+        raise ValueError(f"token ids length {ids.shape[1]} is not a positive multiple of the chunk size K={chunk_size}")
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high

@@ -20,13 +20,13 @@ from calm_engine.model.llama import KVCache, LlamaBackbone
 
 def check_backbone_input(config, ids: torch.Tensor, cache: KVCache | None) -> None:
     """Chunk-aligned ids [B, n*K] that fit the model's context and, if given, the cache they continue."""
-    check_token_ids(ids, config.vocab_size, config.patch_size)
-    chunks = ids.shape[1] // config.patch_size
+    check_token_ids(ids, config.vocab_size, config.chunk_size)
+    chunks = ids.shape[1] // config.chunk_size
     start = 0 if cache is None else cache.length
     if start + chunks > config.max_chunks:
         raise ValueError(
             f"{start + chunks} chunks exceed the model's context of {config.max_chunks} chunks "
-            f"({config.max_chunks * config.patch_size} tokens)"
+            f"({config.max_chunks * config.chunk_size} tokens)"
         )
     if cache is not None:
         if cache.batch_size != ids.shape[0]:
@@ -57,7 +57,7 @@ class CalmModel(nn.Module):
     def compress(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, n*K] -> backbone inputs [B, n, hidden]: each chunk's K embeddings concatenated and compressed."""
         batch, length = ids.shape
-        chunks = length // self.config.patch_size
+        chunks = length // self.config.chunk_size
         return self.embed_proj(self.backbone.embed_tokens(ids).reshape(batch, chunks, -1))
 
     def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
@@ -92,10 +92,10 @@ class CalmModel(nn.Module):
         A partial last chunk is padded with the pad id; the autoencoder need not reconstruct pads as pads (the
         default model's does not), so give the token count to decode_text to get the text back without them."""
         ids = self._require_tokenizer().encode(text)
-        pad = -len(ids) % self.config.patch_size
+        pad = -len(ids) % self.config.chunk_size
         if pad and self.config.pad_token_id is None:
             raise ValueError(
-                f"text has {len(ids)} tokens, not a multiple of K={self.config.patch_size}, and the config has no "
+                f"text has {len(ids)} tokens, not a multiple of K={self.config.chunk_size}, and the config has no "
                 "pad_token_id to fill the last chunk"
             )
         padded = torch.tensor([ids + [self.config.pad_token_id] * pad], device=self.device)

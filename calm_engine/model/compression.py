@@ -17,7 +17,7 @@ class InputCompression(nn.Sequential):
     def __init__(self, config: CalmConfig):
         hidden = config.hidden_size
         super().__init__(
-            nn.Linear(config.patch_size * hidden, 2 * hidden),
+            nn.Linear(config.chunk_size * hidden, 2 * hidden),
             nn.SiLU(),
             nn.Linear(2 * hidden, hidden),
             nn.LayerNorm(hidden, eps=LAYER_NORM_EPS),

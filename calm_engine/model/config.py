@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from calm_engine.model.config_checks import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive_float,
+    check_rope_scaling,
+    check_token_id,
+    field_error,
+)
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
@@ -29,43 +38,6 @@ HF_BOOKKEEPING_KEYS = frozenset(
     num_return_sequences output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id
     remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens""".split()
 )
-
-
-class ConfigError(ValueError):
-    """A config.json value is missing, malformed or unsupported."""
-
-
-def _field_error(source: str, name: str, problem: str, value: Any) -> ConfigError:
-    return ConfigError(f"{source}: field '{name}' {problem}, got {value!r}")
-
-
-def _check_int(source: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _field_error(source, name, f"must be an integer >= {minimum}", value)
-
-
-def _check_positive_float(source: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _field_error(source, name, "must be a positive finite number", value)
-
-
-def _check_token_id(source: str, name: str, value: Any, vocab_size: int) -> None:
-    if value is None:
-        return
-    ids = value if isinstance(value, (list, tuple)) else [value]
-    for token_id in ids:
-        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-            raise _field_error(source, name, f"must be null or a token id in [0, vocab_size={vocab_size})", value)
-
-
-def _check_choice(source: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise _field_error(source, name, f"must be one of {list(choices)}", value)
-
-
-def _check_bool(source: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise _field_error(source, name, "must be true or false", value)
 
 
 class _JsonConfig:
@@ -153,21 +125,26 @@ class AutoencoderConfig(_JsonConfig):
     pretraining_tp: int = 1
     tie_word_embeddings: bool = False
 
+    @property
+    def chunk_size(self) -> int:
+        """K, the tokens of one chunk (the file format's `patch_size`)."""
+        return self.patch_size
+
     def validate(self, source: str = "autoencoder config") -> None:
         for name in ("vocab_size", "patch_size", "latent_size", "hidden_size", "intermediate_size"):
-            _check_int(source, name, getattr(self, name), 1)
+            check_int(source, name, getattr(self, name), 1)
         for name in ("num_encoder_layers", "num_decoder_layers"):
             value = getattr(self, name)
-            _check_int(source, name, value, 0)
+            check_int(source, name, value, 0)
             if value % 2:
-                raise _field_error(
+                raise field_error(
                     source, name, "must be even (the layers are split into two equal stages around the squeeze)", value
                 )
-        _check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
-        _check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
-        _check_bool(source, "mlp_bias", self.mlp_bias)
+        check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
+        check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
+        check_bool(source, "mlp_bias", self.mlp_bias)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            _check_token_id(source, name, getattr(self, name), self.vocab_size)
+            check_token_id(source, name, getattr(self, name), self.vocab_size)
 
 
 class _BackboneConfig(_JsonConfig):
@@ -182,7 +159,7 @@ class _BackboneConfig(_JsonConfig):
         """The longest context in chunks (positions count chunks, not tokens; a token model's chunk is one token)."""
         return self.max_position_embeddings
 
-    # rope_scaling types this config accepts (see _check_rope_scaling).
+    # rope_scaling types this config accepts (see check_rope_scaling).
     ROPE_TYPES: tuple[str, ...] = ("linear",)
 
     def _validate_backbone(self, source: str) -> None:
@@ -195,13 +172,13 @@ class _BackboneConfig(_JsonConfig):
             "num_key_value_heads",
             "max_position_embeddings",
         ):
-            _check_int(source, name, getattr(self, name), 1)
+            check_int(source, name, getattr(self, name), 1)
         if self.hidden_size % self.num_attention_heads:
-            raise _field_error(
+            raise field_error(
                 source, "num_attention_heads", f"must divide hidden_size={self.hidden_size}", self.num_attention_heads
             )
         if self.head_dim % 2:
-            raise _field_error(
+            raise field_error(
                 source,
                 "num_attention_heads",
                 f"must give an even head size for rotary embeddings "
@@ -209,20 +186,20 @@ class _BackboneConfig(_JsonConfig):
                 self.num_attention_heads,
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise _field_error(
+            raise field_error(
                 source,
                 "num_key_value_heads",
                 f"must divide num_attention_heads={self.num_attention_heads}",
                 self.num_key_value_heads,
             )
-        _check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
-        _check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
-        _check_positive_float(source, "rope_theta", self.rope_theta)
-        _check_rope_scaling(source, self.rope_scaling, self.ROPE_TYPES)
-        _check_bool(source, "attention_bias", self.attention_bias)
-        _check_bool(source, "mlp_bias", self.mlp_bias)
+        check_choice(source, "hidden_act", self.hidden_act, ACTIVATIONS)
+        check_positive_float(source, "rms_norm_eps", self.rms_norm_eps)
+        check_positive_float(source, "rope_theta", self.rope_theta)
+        check_rope_scaling(source, self.rope_scaling, self.ROPE_TYPES)
+        check_bool(source, "attention_bias", self.attention_bias)
+        check_bool(source, "mlp_bias", self.mlp_bias)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            _check_token_id(source, name, getattr(self, name), self.vocab_size)
+            check_token_id(source, name, getattr(self, name), self.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -261,6 +238,11 @@ class CalmConfig(_BackboneConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = False
 
+    @property
+    def chunk_size(self) -> int:
+        """K, the tokens of one chunk (the file format's `patch_size`)."""
+        return self.patch_size
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "config"):
         model_type = data.get("model_type", "energy") if isinstance(data, dict) else "energy"
@@ -275,11 +257,11 @@ class CalmConfig(_BackboneConfig):
 
     def validate(self, source: str = "CALM config") -> None:
         for name in ("patch_size", "latent_size", "noise_size"):
-            _check_int(source, name, getattr(self, name), 1)
-        _check_int(source, "num_mlp_layers", self.num_mlp_layers, 0)
+            check_int(source, name, getattr(self, name), 1)
+        check_int(source, "num_mlp_layers", self.num_mlp_layers, 0)
         self._validate_backbone(source)
         if self.ae_path is not None and not isinstance(self.ae_path, str):
-            raise _field_error(source, "ae_path", "must be a string or null", self.ae_path)
+            raise field_error(source, "ae_path", "must be a string or null", self.ae_path)
 
     def check_autoencoder(self, ae: AutoencoderConfig, source: str = "CALM config") -> None:
         """The CALM model and its autoencoder must agree on the shared sizes."""
@@ -295,7 +277,7 @@ class TokenLlamaConfig(_BackboneConfig):
     """The token-level baseline: a Llama backbone plus an LM head, one token per position (K = 1).
 
     The fields of transformers' `LlamaConfig` with its defaults (num_key_value_heads null means one per attention
-    head). The engine reads `patch_size`, which is 1 here and not a field.
+    head). The engine reads `chunk_size`, which is 1 here.
     """
 
     ARCHITECTURE = "LlamaForCausalLM"
@@ -330,7 +312,7 @@ class TokenLlamaConfig(_BackboneConfig):
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
 
     @property
-    def patch_size(self) -> int:
+    def chunk_size(self) -> int:
         return 1
 
     @classmethod
@@ -345,7 +327,7 @@ class TokenLlamaConfig(_BackboneConfig):
                 heads = data.get("num_attention_heads", cls.num_attention_heads)
                 hidden = data.get("hidden_size", cls.hidden_size)
                 if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and head_dim != hidden // heads:
-                    raise _field_error(source, "head_dim", "must be hidden_size / num_attention_heads", head_dim)
+                    raise field_error(source, "head_dim", "must be hidden_size / num_attention_heads", head_dim)
         return super().from_dict(data, source)
 
     def to_dict(self) -> dict:
@@ -353,78 +335,4 @@ class TokenLlamaConfig(_BackboneConfig):
 
     def validate(self, source: str = "token Llama config") -> None:
         self._validate_backbone(source)
-        _check_bool(source, "tie_word_embeddings", self.tie_word_embeddings)
-
-
-# The keys of each supported rope_scaling type besides type / rope_type.
-ROPE_SCALING_KEYS = {
-    "linear": {"factor"},
-    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-}
-
-
-def _check_rope_scaling(source: str, rope_scaling: Any, supported: tuple[str, ...]) -> None:
-    """The scalings a KV-cached engine can reproduce, of the types this kind of config accepts.
-
-    CALM configs take 'linear' only: the official CALMConfig (transformers 4.43) accepts 'linear' and 'dynamic' with
-    exactly the keys {type, factor}, and 'dynamic' is refused here. Token-level Llama configs also take 'llama3'
-    (Llama 3.1's frequency-dependent scaling, model/llama.py rope_inverse_frequencies)."""
-    if rope_scaling is None:
-        return
-    if not isinstance(rope_scaling, dict):
-        raise _field_error(source, "rope_scaling", "must be null or an object {type, factor, ...}", rope_scaling)
-    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-    if kind == "dynamic":
-        raise _field_error(
-            source,
-            "rope_scaling",
-            "type 'dynamic' is not supported (its frequencies depend on the longest sequence the process has seen, "
-            f"which a cached multi-request engine cannot reproduce); supported: null or type {' or '.join(supported)}",
-            rope_scaling,
-        )
-    if kind == "llama3" and kind not in supported:
-        raise _field_error(
-            source,
-            "rope_scaling",
-            "type 'llama3' is supported for token-level Llama checkpoints only (the official CALMConfig accepts "
-            "'linear' alone of the types an engine can reproduce); supported here: 'linear'",
-            rope_scaling,
-        )
-    if kind not in supported:
-        names = " or ".join(repr(t) for t in supported)
-        raise _field_error(source, "rope_scaling", f"type must be {names} (the scalings implemented)", rope_scaling)
-    if "type" in rope_scaling and "rope_type" in rope_scaling and rope_scaling["type"] != rope_scaling["rope_type"]:
-        raise _field_error(source, "rope_scaling", "has 'type' and 'rope_type' that differ", rope_scaling)
-    keys = set(rope_scaling) - {"type", "rope_type"}
-    extra, missing = keys - ROPE_SCALING_KEYS[kind], ROPE_SCALING_KEYS[kind] - keys
-    if extra:
-        raise _field_error(
-            source, "rope_scaling", f"has unknown key(s) {sorted(extra)} for type {kind!r}", rope_scaling
-        )
-    if missing:
-        raise _field_error(source, "rope_scaling", f"type {kind!r} needs the key(s) {sorted(missing)}", rope_scaling)
-
-    def number(name: str) -> float | None:
-        value = rope_scaling[name]
-        return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
-
-    factor = number("factor")
-    if kind == "linear":
-        if factor is None or not factor > 1.0:
-            raise _field_error(source, "rope_scaling", "factor must be a number > 1", rope_scaling)
-        return
-    if factor is None or not math.isfinite(factor) or factor < 1.0:
-        raise _field_error(source, "rope_scaling", "factor must be a number >= 1", rope_scaling)
-    low, high = number("low_freq_factor"), number("high_freq_factor")
-    if low is None or high is None or not (0 < low < high and math.isfinite(high)):
-        raise _field_error(
-            source,
-            "rope_scaling",
-            "low_freq_factor and high_freq_factor must be numbers with 0 < low < high",
-            rope_scaling,
-        )
-    original = rope_scaling["original_max_position_embeddings"]
-    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
-        raise _field_error(
-            source, "rope_scaling", "original_max_position_embeddings must be an integer >= 1", rope_scaling
-        )
+        check_bool(source, "tie_word_embeddings", self.tie_word_embeddings)

@@ -35,11 +35,11 @@ SEED_MODULUS = 2**63  # SamplingParams takes seeds in [0, 2**63)
 KNOWN_PARAMS = ("temperature", "max_tokens", "num_samples", "seed", "sampler", "stop", "prompt")
 
 
-def completion_room(prompt_tokens: int, patch_size: int, capacity: int) -> int:
+def completion_room(prompt_tokens: int, chunk_size: int, capacity: int) -> int:
     """Tokens the engine can generate after a prompt: its padded chunks take cache positions, and the engine ends a
     request once no position is left for the chunk just produced, so that last chunk needs none: capacity - prompt
     chunks + 1 chunks of K tokens (tests/serve checks this against the engine)."""
-    return (capacity - math.ceil(prompt_tokens / patch_size) + 1) * patch_size
+    return (capacity - math.ceil(prompt_tokens / chunk_size) + 1) * chunk_size
 
 
 @dataclass
@@ -84,13 +84,13 @@ class CompletionService:
         self.config = config
         self.metrics = metrics
         engine = loop.engine
-        self.patch_size = engine.chunk_size
+        self.chunk_size = engine.chunk_size
         self.capacity = engine.cache.capacity
         self.eos_ids = frozenset(engine.config.eos_token_ids)
 
     @property
     def max_model_len(self) -> int:
-        return self.capacity * self.patch_size
+        return self.capacity * self.chunk_size
 
     async def create(self, body: protocol.CompletionRequest, http: Request):
         arrived = time.perf_counter()
@@ -124,7 +124,7 @@ class CompletionService:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if not ids:
             raise APIError(400, f"{where} is empty: give at least one token", param="prompt")
-        if math.ceil(len(ids) / self.patch_size) > self.capacity:
+        if math.ceil(len(ids) / self.chunk_size) > self.capacity:
             raise APIError(
                 400,
                 f"{where} has {len(ids)} tokens, more than this model's context of {self.max_model_len} tokens",
@@ -154,12 +154,12 @@ class CompletionService:
         extra = {k: getattr(body, k) for k in ("num_samples", "sampler") if getattr(body, k) is not None}
         params = []
         for p, ids in enumerate(prompts):
-            room = completion_room(len(ids), self.patch_size, self.capacity)
+            room = completion_room(len(ids), self.chunk_size, self.capacity)
             if body.max_tokens is not None and body.max_tokens > room:
                 raise APIError(
                     400,
                     f"max_tokens={body.max_tokens} is more than the context leaves: {self.max_model_len} tokens "
-                    f"({self.capacity} chunks of K={self.patch_size}), the prompt{f' {p}' if len(prompts) > 1 else ''}"
+                    f"({self.capacity} chunks of K={self.chunk_size}), the prompt{f' {p}' if len(prompts) > 1 else ''}"
                     f" takes {len(ids)} tokens, which leaves room for {room} generated tokens",
                     param="max_tokens",
                     code="context_length_exceeded",

@@ -36,7 +36,7 @@ class AutoencoderTrainConfig:
     num_encoder_layers: int = 2
     num_decoder_layers: int = 2
     latent_size: int = 32
-    patch_size: int = 4
+    chunk_size: int = 4
     # Optimisation (AdamW as the official script: betas 0.9/0.95, weight decay 0.1, gradient clip 1.0).
     steps: int = 3000
     batch_chunks: int = 512  # chunks per step, each cut at a random offset of the training stream
@@ -67,7 +67,7 @@ class AutoencoderTrainConfig:
     eval_tokens: int = 65536  # held-out tokens per evaluation (the first ones of the held-out stream)
 
     def __post_init__(self):
-        for name in ("hidden_size", "intermediate_size", "latent_size", "patch_size", "steps", "batch_chunks"):
+        for name in ("hidden_size", "intermediate_size", "latent_size", "chunk_size", "steps", "batch_chunks"):
             _check_int(name, getattr(self, name), 1)
         for name in ("num_encoder_layers", "num_decoder_layers"):
             _check_int(name, getattr(self, name), 0)
@@ -90,14 +90,14 @@ class AutoencoderTrainConfig:
             raise ValueError(
                 f"eval_interval ({self.eval_interval}) must be a multiple of log_interval ({self.log_interval})"
             )
-        if self.eval_tokens < self.patch_size:
-            raise ValueError(f"eval_tokens {self.eval_tokens} must hold at least one chunk of {self.patch_size}")
+        if self.eval_tokens < self.chunk_size:
+            raise ValueError(f"eval_tokens {self.eval_tokens} must hold at least one chunk of {self.chunk_size}")
 
     def model_config(self, vocab_size: int) -> AutoencoderConfig:
         """The saved AutoencoderConfig; pad = 0 is the id DropToken writes, bos/eos follow train.bpe (1, 2)."""
         config = AutoencoderConfig(
             vocab_size=vocab_size,
-            patch_size=self.patch_size,
+            patch_size=self.chunk_size,
             latent_size=self.latent_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -185,7 +185,7 @@ def reconstruction_accuracy(
 ) -> float:
     """Token accuracy of argmax(decode(mean + sigma * N(0, 1))) against `ids` (any shape, a whole number of chunks),
     chunk by chunk, without dropout."""
-    chunks = _as_chunks(ids, autoencoder.config.patch_size)
+    chunks = _as_chunks(ids, autoencoder.config.chunk_size)
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     correct = 0
@@ -201,7 +201,7 @@ def reconstruction_accuracy(
 def latent_statistics(autoencoder: Autoencoder, ids: torch.Tensor, kl_clamp: float) -> dict:
     """Mean KL per latent dimension over the chunks of `ids`; a dimension counts as active when its mean KL exceeds
     the clamp (below it the KL term exerts no pull, so the dimension is free to carry information or not)."""
-    chunks = _as_chunks(ids, autoencoder.config.patch_size)
+    chunks = _as_chunks(ids, autoencoder.config.chunk_size)
     kl_sum = torch.zeros(autoencoder.config.latent_size, dtype=torch.float64)
     std_sum = 0.0
     for batch in chunks.split(4096):
@@ -218,10 +218,10 @@ def latent_statistics(autoencoder: Autoencoder, ids: torch.Tensor, kl_clamp: flo
     }
 
 
-def _as_chunks(ids: torch.Tensor, patch_size: int) -> torch.Tensor:
-    if ids.numel() == 0 or ids.numel() % patch_size:
-        raise ValueError(f"{ids.numel()} token ids are not a positive whole number of chunks of K={patch_size}")
-    return ids.reshape(-1, patch_size)
+def _as_chunks(ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    if ids.numel() == 0 or ids.numel() % chunk_size:
+        raise ValueError(f"{ids.numel()} token ids are not a positive whole number of chunks of K={chunk_size}")
+    return ids.reshape(-1, chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,8 +256,8 @@ def train_autoencoder(
     """Train on random K-token chunks of `train_stream`, evaluate on `heldout_stream`, save the checkpoint (official
     layout, readable by calm_engine.load_autoencoder) and training.json to out_dir; returns the final metrics."""
     for name, stream in (("train_stream", train_stream), ("heldout_stream", heldout_stream)):
-        if stream.dim() != 1 or stream.numel() < config.patch_size:
-            raise ValueError(f"{name} must be a 1-D stream of at least K={config.patch_size} ids")
+        if stream.dim() != 1 or stream.numel() < config.chunk_size:
+            raise ValueError(f"{name} must be a 1-D stream of at least K={config.chunk_size} ids")
         if int(stream.min()) < 0 or int(stream.max()) >= vocab_size:
             raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size})")
     torch.set_num_threads(config.threads)
@@ -284,7 +284,7 @@ def train_autoencoder(
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        chunks = random_windows(train_stream, config.batch_chunks, config.patch_size, generator)
+        chunks = random_windows(train_stream, config.batch_chunks, config.chunk_size, generator)
         if config.random_token > 0:
             chunks = substitute_random_tokens(chunks, config.random_token, vocab_size, generator)
         autoencoder.train()
@@ -300,7 +300,7 @@ def train_autoencoder(
         done = step + 1
         if done % config.log_interval == 0 or done == config.steps:
             now, count = time.perf_counter(), done % config.log_interval or config.log_interval
-            tokens_per_s = count * config.batch_chunks * config.patch_size / (now - last_log)
+            tokens_per_s = count * config.batch_chunks * config.chunk_size / (now - last_log)
             log(
                 f"step {done}/{config.steps} loss {running['loss'] / count:.4f} ce {running['ce'] / count:.4f} "
                 f"kl {running['kl'] / count:.2f} lr {learning_rate(config, step):.2e} tokens/s {tokens_per_s:,.0f}"
@@ -315,9 +315,9 @@ def train_autoencoder(
     autoencoder.eval()
     metrics = {
         "steps": config.steps,
-        "train_tokens": config.steps * config.batch_chunks * config.patch_size,
+        "train_tokens": config.steps * config.batch_chunks * config.chunk_size,
         "train_seconds": round(train_seconds, 1),
-        "tokens_per_second": round(config.steps * config.batch_chunks * config.patch_size / train_seconds),
+        "tokens_per_second": round(config.steps * config.batch_chunks * config.chunk_size / train_seconds),
         "heldout_tokens": heldout.numel(),
         **evaluate(autoencoder, heldout, config),
     }
@@ -330,7 +330,7 @@ def train_autoencoder(
 
 
 def _eval_ids(stream: torch.Tensor, config: AutoencoderTrainConfig) -> torch.Tensor:
-    usable = min(stream.numel(), config.eval_tokens) // config.patch_size * config.patch_size
+    usable = min(stream.numel(), config.eval_tokens) // config.chunk_size * config.chunk_size
     return stream[:usable]
 
 
@@ -339,7 +339,7 @@ def evaluate(autoencoder: Autoencoder, ids: torch.Tensor, config: AutoencoderTra
     """Held-out reconstruction accuracy at sigma 0 and NOISE_SIGMA, CE of the posterior sample, latent statistics."""
     autoencoder.eval()
     generator = torch.Generator().manual_seed(config.seed + 1)
-    chunks = ids.reshape(-1, config.patch_size)
+    chunks = ids.reshape(-1, config.chunk_size)
     ce = sum(
         float(autoencoder_loss(autoencoder, batch, drop_token=0, drop_latent=0, kl_clamp=0, kl_weight=0).ce)
         * batch.shape[0]

@@ -96,14 +96,14 @@ class CalmTrainConfig(LoopConfig):
         if isinstance(self.probe_weight, bool) or not 0 <= self.probe_weight < math.inf:
             raise ValueError(f"probe_weight must be a finite number >= 0, got {self.probe_weight!r}")
 
-    def model_config(self, patch_size: int, latent_size: int, vocab_size: int, special: SpecialIds) -> CalmConfig:
-        if self.window_tokens % patch_size or self.window_tokens < 2 * patch_size:
+    def model_config(self, chunk_size: int, latent_size: int, vocab_size: int, special: SpecialIds) -> CalmConfig:
+        if self.window_tokens % chunk_size or self.window_tokens < 2 * chunk_size:
             raise ValueError(
-                f"window_tokens ({self.window_tokens}) must be a multiple of the autoencoder's K={patch_size} and "
+                f"window_tokens ({self.window_tokens}) must be a multiple of the autoencoder's K={chunk_size} and "
                 f"hold at least 2 chunks (one input, one target)"
             )
         config = CalmConfig(
-            patch_size=patch_size,
+            patch_size=chunk_size,
             latent_size=latent_size,
             noise_size=self.noise_size,
             num_mlp_layers=self.num_mlp_layers,
@@ -113,7 +113,7 @@ class CalmTrainConfig(LoopConfig):
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_attention_heads,
-            max_position_embeddings=self.window_tokens // patch_size,
+            max_position_embeddings=self.window_tokens // chunk_size,
             pad_token_id=special.pad_token_id,
             bos_token_id=special.bos_token_id,
             eos_token_id=special.eos_token_id,
@@ -166,7 +166,7 @@ def calm_loss_terms(
     """Mean energy loss over every predicted chunk of windows [B, n*K]: the backbone reads chunks 0..n-2 and the
     head's N samples at chunk i are scored against M posterior samples of chunk i+1. With a probe, also its
     cross-entropy on the same hidden states (else None)."""
-    k = model.config.patch_size
+    k = model.config.chunk_size
     hidden = model.backbone(model.compress(windows[:, :-k]))  # [B, n-1, hidden], causal over chunks
     with torch.no_grad():
         mean, log_std = model.autoencoder.encode(windows[:, k:])  # [B, n-1, latent] each
@@ -181,7 +181,7 @@ def calm_loss_terms(
 @torch.no_grad()
 def chunk_accuracy(model: CalmModel, windows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Fraction of next-chunk tokens that one head sample, decoded greedily, gets right."""
-    k = model.config.patch_size
+    k = model.config.chunk_size
     hidden = model.backbone(model.compress(windows[:, :-k]))
     noise = torch.rand((*hidden.shape[:-1], model.config.noise_size), generator=generator) - 0.5
     predicted = model.autoencoder.decode_ids(model.generative_head(hidden, noise))
@@ -215,7 +215,7 @@ def train_calm(
             f"vocab_size is {vocab_size} but the autoencoder in {autoencoder_dir} has {ae_config.vocab_size}"
         )
     special_ids.check(vocab_size)
-    model_config = config.model_config(ae_config.patch_size, ae_config.latent_size, vocab_size, special_ids)
+    model_config = config.model_config(ae_config.chunk_size, ae_config.latent_size, vocab_size, special_ids)
     check_stream("train_stream", train_stream, vocab_size, config.window_tokens)
     check_stream("heldout_stream", heldout_stream, vocab_size, config.window_tokens)
 
@@ -229,7 +229,7 @@ def train_calm(
     torch.nn.init.zeros_(model.generative_head.final_layer.linears[-1].bias)
     params = [(name, p) for name, p in model.named_parameters() if not name.startswith("autoencoder.")]
     model_parameters = count_parameters(params)
-    log(f"CALM: {model_parameters / 1e6:.2f}M trained parameters, K={model_config.patch_size}")
+    log(f"CALM: {model_parameters / 1e6:.2f}M trained parameters, K={model_config.chunk_size}")
     probe = None
     if config.probe_weight > 0:
         probe = NextChunkProbe(model_config.hidden_size, model_config.latent_size)

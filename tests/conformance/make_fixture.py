@@ -111,7 +111,7 @@ def make_fixture(out: Path, variant: str, seed: int = 0) -> None:
 
     reference = copy.deepcopy(model).double()
     config = model.config
-    k, vocab = config.patch_size, config.vocab_size
+    k, vocab = config.chunk_size, config.vocab_size
     torch.manual_seed(seed + 1)
     writer = FixtureWriter()
 

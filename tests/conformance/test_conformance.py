@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calm_engine.brierlm import MAX_NGRAM, calm_brier_estimates, calm_start_positions, rollout_steps
+from calm_engine.brier_estimates import MAX_NGRAM, calm_brier_estimates, calm_start_positions, rollout_steps
 from tests.conftest import assert_rel_close
 
 REL_TOL = 1e-4
@@ -78,7 +78,7 @@ def test_lm_decode(fixture, model):
     ids = fixture.input("lm_decode", 0)
     expected_prefill = fixture.output("lm_decode", "hidden_prefill")
     expected_steps = fixture.output("lm_decode", "hidden_steps")
-    k = model.config.patch_size
+    k = model.config.chunk_size
     prefill_chunks = case.get("prefill_chunks", expected_prefill.shape[1])
     cache = model.new_cache(ids.shape[0], capacity=ids.shape[1] // k)
     hidden_prefill = model.hidden_states(ids[:, : prefill_chunks * k], cache)
@@ -112,7 +112,7 @@ def test_generate_steps(fixture, model, name):
     expected_patches = fixture.output(name, "step_patches")
     expected_hidden = fixture.tensors.get(f"{name}.step_hidden")
     expected_latents = fixture.tensors.get(f"{name}.step_latents")
-    k, pad = model.config.patch_size, model.config.pad_token_id
+    k, pad = model.config.chunk_size, model.config.pad_token_id
     eos = case.get("eos_token_id_override", case.get("eos_token_id", model.config.eos_token_id))
     if prompt.shape[1] % k:
         prompt = torch.cat([prompt, prompt.new_full((prompt.shape[0], -prompt.shape[1] % k), pad)], dim=1)
@@ -152,7 +152,7 @@ def test_brier_samples_and_targets(fixture, model):
     require(fixture, "brier")
     ids = fixture.input("brier", 0)
     noise = fixture.tensors["brier.rand_noise.0"]
-    k = model.config.patch_size
+    k = model.config.chunk_size
     mean, log_std = model.autoencoder.encode(ids[:, k:].reshape(1, -1))  # the reference flattens the batch
     assert_rel_close(mean, fixture.output("brier", "target_mean"), REL_TOL, "target_mean")
     assert_rel_close(log_std, fixture.output("brier", "target_log_std"), REL_TOL, "target_log_std")
@@ -172,7 +172,7 @@ def test_brier_values(fixture, model):
     if "brier.values" not in fixture.tensors:
         pytest.skip(f"fixture {fixture.root} records no brier values")
     ids = fixture.input("brier", 0)
-    k, noise_size = model.config.patch_size, model.config.noise_size
+    k, noise_size = model.config.chunk_size, model.config.noise_size
     chunks, steps = ids.shape[1] // k, rollout_steps(k)
     noise = fixture.tensors["brier.rand_noise.0"][:2].reshape(2, 1, chunks - 1, noise_size)
     rollout_noise = None

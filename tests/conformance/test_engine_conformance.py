@@ -46,7 +46,7 @@ def test_generate_output_ids(fixture, model, name):
     case = require(fixture, name)
     prompts = fixture.input(name, 0)
     noise = fixture.input(name, 1)
-    k, pad = model.config.patch_size, model.config.pad_token_id
+    k, pad = model.config.chunk_size, model.config.pad_token_id
     expected = fixture.output(name, "output_ids")
     max_length = expected.shape[1]
     padded_prompt = prompts.shape[1] + (-prompts.shape[1] % k)
@@ -86,7 +86,7 @@ def test_temperature_sampling_candidates(fixture, model):
 
 def engine_distribution(model, hidden: torch.Tensor, temperature: float, draws: int, samples: int) -> dict:
     """Output patches of the engine's sampling step for one hidden state repeated over `draws` rows."""
-    llm = LLM(model, max_batch_size=1, max_model_len=model.config.patch_size)
+    llm = LLM(model, max_batch_size=1, max_model_len=model.config.chunk_size)
     step = llm.engine.backends.torch
     params = SamplingParams(temperature=temperature, num_samples=samples)
     batch = SamplingBatch(

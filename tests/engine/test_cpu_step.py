@@ -85,7 +85,7 @@ def test_cpu_step_matches_the_torch_path(shape, isa):
     step = native_step(runner, isa=isa)
     assert step.isa == isa
     rows = 4
-    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.chunk_size))
     positions, slots = torch.tensor([3, 0, 11, 6]), torch.tensor([4, 0, 2, 5])  # slot 5: the scratch slot
     seeds, steps = torch.tensor([5, 2**40, 7, 9]), torch.tensor([0, 3, 8, 1])
     before = [t.clone() for t in cache.keys + cache.values]
@@ -108,7 +108,7 @@ def test_cpu_prefill_matches_the_torch_path(shape, isa):
     cache = SlotKVCache(model.config, 4, 9, model.device, model.dtype)
     runner = torch_step(model, cache)
     step = native_step(runner, isa=isa)
-    k, chunks, slots = model.config.patch_size, [5, 1, 9], [2, 0, 3]
+    k, chunks, slots = model.config.chunk_size, [5, 1, 9], [2, 0, 3]
     ids = torch.randint(0, model.config.vocab_size, (len(chunks), max(chunks) * k))
     seeds, steps = torch.tensor([11, 2**35, 4]), torch.tensor([0, 0, 2])
     hidden = runner.prefill_hidden(ids, torch.tensor(chunks), torch.tensor(slots))
@@ -127,7 +127,7 @@ def test_cpu_step_rejects_out_of_range_inputs():
     model = context_sensitive_model(seed=1)
     runner = torch_step(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
     step = native_step(runner)
-    ids = torch.zeros(1, model.config.patch_size, dtype=torch.long)
+    ids = torch.zeros(1, model.config.chunk_size, dtype=torch.long)
     seeds, steps = torch.tensor([1]), torch.tensor([0])
     with pytest.raises(ValueError, match="out of range"):
         step.run(ids, torch.tensor([8]), torch.tensor([0]), seeds, steps)
@@ -156,7 +156,7 @@ def _step_and_reference(model: CalmModel, rows: int = 6, screen_vocab: bool | No
     slack; see t1_reference), and the step."""
     cache = SlotKVCache(model.config, rows, 8, model.device, model.dtype)
     runner = torch_step(model, cache)
-    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.chunk_size))
     positions, slots = torch.zeros(rows, dtype=torch.long), torch.arange(rows)
     seeds, steps = torch.arange(rows) + 11, torch.zeros(rows, dtype=torch.long)
     hidden = runner.decode_hidden(ids, positions, slots, attend=cache.capacity)

@@ -51,11 +51,11 @@ def test_exact_sampler_loop_equals_the_tensor_reference(inverse_temperature, k):
     fast = slow = sampler.ExactState.start(rows, k, "cpu")
     undecided = []
     for _ in range(4):
-        patches = torch.randint(0, 3, (rows, samples, k))
+        chunks = torch.randint(0, 3, (rows, samples, k))
         valid = torch.rand(rows, samples) < 0.9
         uniforms = torch.rand(rows, samples)
-        fast = sampler.exact_choice(fast, patches, valid, inv_floor, inv_frac, uniforms)
-        slow = sampler.exact_choice_ref(slow, patches, valid, inv_floor, inv_frac, uniforms)
+        fast = sampler.exact_choice(fast, chunks, valid, inv_floor, inv_frac, uniforms)
+        slow = sampler.exact_choice_ref(slow, chunks, valid, inv_floor, inv_frac, uniforms)
         for name in ("done", "chosen", "target", "matches", "in_stage2", "stage2_index"):
             assert torch.equal(getattr(fast, name), getattr(slow, name)), name
         undecided.append(int((~fast.done).sum()))

@@ -43,7 +43,7 @@ def test_replay_equals_eager_and_padding_rows_stay_in_the_scratch_slot(rows, sam
     for tensor in cache.keys + cache.values:
         tensor.normal_()
     graphs = GraphStep(step, [1, 2, 4, 8], EagerCapture())
-    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (rows, model.config.chunk_size))
     positions = torch.tensor([4, 0, 7, 2, 9][:rows])
     slots = torch.tensor([6, 1, 3, 0, 7][:rows])
     batch = sampling_batch(rows, samples, temperature)
@@ -54,7 +54,7 @@ def test_replay_equals_eager_and_padding_rows_stay_in_the_scratch_slot(rows, sam
     for tensor, old in zip(cache.keys + cache.values, before, strict=True):
         tensor.copy_(old)
     result = graphs.run(ids, positions, slots, batch)
-    assert graphs.bucket(rows) >= rows and result.chunks.shape == (rows, model.config.patch_size)
+    assert graphs.bucket(rows) >= rows and result.chunks.shape == (rows, model.config.chunk_size)
     assert torch.equal(result.chunks, expected) and not result.fell_back.any()
     live = list(range(8))  # every real slot; only the scratch slot (8) may differ from the eager run
     for tensor, eager, old in zip(cache.keys + cache.values, eager_cache, before, strict=True):
@@ -68,7 +68,7 @@ def test_a_second_replay_reuses_the_graph_with_new_inputs():
     model = context_sensitive_model(seed=5).double()
     cache = SlotKVCache(model.config, 4, 10, model.device, model.dtype)
     graphs = GraphStep(torch_step(model, cache), [4], EagerCapture())
-    ids = torch.randint(0, model.config.vocab_size, (3, model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (3, model.config.chunk_size))
     first = graphs.run(ids, torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), sampling_batch(3, 1, 1.0)).chunks
     first = first.clone()
     second = graphs.run(ids[:2], torch.tensor([0, 0]), torch.tensor([0, 1]), sampling_batch(2, 1, 1.0)).chunks

@@ -21,7 +21,7 @@ from tests.model_factory import context_sensitive_model
 
 def reference_generate(model, prompt: list[int], seed: int, max_tokens: int, padding: str = "right") -> list[int]:
     """T = 1 generation with the reference model API, one request alone, the engine's noise convention."""
-    k, pad = model.config.patch_size, model.config.pad_token_id
+    k, pad = model.config.chunk_size, model.config.pad_token_id
     missing = [pad] * (-len(prompt) % k)
     fed = prompt + missing if padding == "right" else missing + prompt
     cache = model.new_cache(1)

@@ -1,4 +1,4 @@
-"""Likelihood-free sampling on pools of patches from synthetic generators whose distribution is known exactly."""
+"""Likelihood-free sampling on pools of chunks from synthetic generators whose distribution is known exactly."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from calm_engine.engine.sampler import ExactState, approximate_choice, candidate_weights, exact_choice, pool_counts
 from tests.stats import empirical, total_variation, tv_threshold
 
-# A synthetic generator: category i with probability P[i] is the K=2 patch PATCHES[i].
+# A synthetic generator: category i with probability P[i] is the K=2 chunk PATCHES[i].
 P = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], dtype=torch.float64)
 PATCHES = torch.tensor([[3, 1], [1, 3], [3, 3], [0, 7], [7, 0], [2, 2]])
 
 
 def draw_pools(rows: int, samples: int) -> torch.Tensor:
-    """[rows, samples, 2] patches drawn i.i.d. from P."""
+    """[rows, samples, 2] chunks drawn i.i.d. from P."""
     return PATCHES[torch.multinomial(P, rows * samples, replacement=True).view(rows, samples)]
 
 
@@ -32,25 +32,25 @@ def split(inverse_temperature: float, rows: int):
 
 
 def test_pool_counts_match_counter():
-    patches = torch.randint(0, 3, (4, 37, 3))
+    chunks = torch.randint(0, 3, (4, 37, 3))
     valid = torch.rand(4, 37) < 0.8
-    counts = pool_counts(patches, valid)
+    counts = pool_counts(chunks, valid)
     for row in range(4):
-        seen = Counter(tuple(p) for p, v in zip(patches[row].tolist(), valid[row].tolist(), strict=True) if v)
+        seen = Counter(tuple(p) for p, v in zip(chunks[row].tolist(), valid[row].tolist(), strict=True) if v)
         for j in range(37):
-            expected = seen[tuple(patches[row, j].tolist())] if valid[row, j] else 0
+            expected = seen[tuple(chunks[row, j].tolist())] if valid[row, j] else 0
             assert counts[row, j] == expected
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_candidate_weights_are_the_official_binomials(n):
-    """For T = 1/n the weights are C(count, m) over patches seen at least m times, m cascading down from n."""
-    patches = torch.tensor([[1], [2], [1], [3], [2], [1], [4]])
+    """For T = 1/n the weights are C(count, m) over chunks seen at least m times, m cascading down from n."""
+    chunks = torch.tensor([[1], [2], [1], [3], [2], [1], [4]])
     counts = {1: 3, 2: 2, 3: 1, 4: 1}
     m = min(n, max(counts.values()))
     expected = {(x,): math.comb(c, m) for x, c in counts.items() if c >= m}
     total = sum(expected.values())
-    got = candidate_weights(patches, torch.ones(7, dtype=torch.bool), float(n))
+    got = candidate_weights(chunks, torch.ones(7, dtype=torch.bool), float(n))
     assert [x for x, _, _ in got] == list(expected)  # first-appearance order, as the official code lists them
     for x, count, probability in got:
         assert count == counts[x[0]]
@@ -58,19 +58,19 @@ def test_candidate_weights_are_the_official_binomials(n):
 
 
 def test_cascade_falls_back_when_no_patch_repeats_enough():
-    patches = torch.tensor([[[5], [6], [7], [6]]])
-    index = approximate_choice(patches, torch.ones(1, 4, dtype=torch.bool), *split(3.0, 1), torch.rand(1, 4))
-    assert patches[0, index[0], 0] == 6  # seen twice: the only candidate at level 2
+    chunks = torch.tensor([[[5], [6], [7], [6]]])
+    index = approximate_choice(chunks, torch.ones(1, 4, dtype=torch.bool), *split(3.0, 1), torch.rand(1, 4))
+    assert chunks[0, index[0], 0] == 6  # seen twice: the only candidate at level 2
 
 
 @pytest.mark.parametrize("inverse_temperature", [2.0, 1 / 0.7])
 def test_approximate_choice_follows_its_weights(inverse_temperature):
-    """The exponential race picks each patch of a fixed pool with the probability its weight says."""
+    """The exponential race picks each chunk of a fixed pool with the probability its weight says."""
     pool = draw_pools(1, 30)
     rows = 20000
-    patches, valid = pool.expand(rows, -1, -1), torch.ones(rows, 30, dtype=torch.bool)
-    index = approximate_choice(patches, valid, *split(inverse_temperature, rows), torch.rand(rows, 30))
-    chosen = [tuple(p) for p in patches[torch.arange(rows), index].tolist()]
+    chunks, valid = pool.expand(rows, -1, -1), torch.ones(rows, 30, dtype=torch.bool)
+    index = approximate_choice(chunks, valid, *split(inverse_temperature, rows), torch.rand(rows, 30))
+    chosen = [tuple(p) for p in chunks[torch.arange(rows), index].tolist()]
     expected = {x: w for x, _, w in candidate_weights(pool[0], valid[0], inverse_temperature)}
     assert total_variation(empirical(chosen), expected) < tv_threshold(expected, rows)
 
@@ -132,7 +132,7 @@ def test_exact_sampler_at_t1_takes_the_first_draw():
 
 def test_exact_sampler_respects_invalid_draws_and_reports_exhaustion():
     """Draws marked invalid are never used; a row whose draws never repeat n times is not done."""
-    patches = torch.tensor([[[1, 1], [2, 2], [1, 1], [1, 1]], [[4, 4], [5, 5], [6, 6], [7, 7]]])
+    chunks = torch.tensor([[[1, 1], [2, 2], [1, 1], [1, 1]], [[4, 4], [5, 5], [6, 6], [7, 7]]])
     valid = torch.tensor([[True, True, False, True], [True] * 4])
-    state = exact_choice(ExactState.start(2, 2, "cpu"), patches, valid, *split(2.0, 2), torch.rand(2, 4))
+    state = exact_choice(ExactState.start(2, 2, "cpu"), chunks, valid, *split(2.0, 2), torch.rand(2, 4))
     assert state.done.tolist() == [False, False]  # row 0: 1, 2 (restart), [skip], 1 -> one match only

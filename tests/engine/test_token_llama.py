@@ -280,7 +280,7 @@ def test_load_accepts_hugging_face_extras(tmp_path):
 
 def test_config_properties_the_engine_reads():
     config = TokenLlamaConfig(vocab_size=50, hidden_size=48, num_attention_heads=6, max_position_embeddings=99)
-    assert (config.patch_size, config.head_dim, config.max_chunks, config.num_key_value_heads) == (1, 8, 99, 6)
+    assert (config.chunk_size, config.head_dim, config.max_chunks, config.num_key_value_heads) == (1, 8, 99, 6)
     assert config.rope_scaling is None and config.eos_token_ids == (2,)
     assert TokenLlamaConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="model_type"):

@@ -30,7 +30,7 @@ def make(shape: str, dtype=torch.float32, slots: int = 5, capacity: int = 16):
 
 
 def random_ids(config, rows: int, chunks: int) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (rows, chunks * config.patch_size))
+    return torch.randint(0, config.vocab_size, (rows, chunks * config.chunk_size))
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -38,7 +38,7 @@ def test_prefill_and_decode_match_reference(shape):
     """Prompts of 1, 4 and 2 chunks prefilled together into slots 3, 0, 4, then decoded chunk by chunk."""
     reference, fast, step = make(shape)
     config = fast.config
-    k = config.patch_size
+    k = config.chunk_size
     lengths = [1, 4, 2]
     slots = torch.tensor([3, 0, 4])
     full = [random_ids(config, 1, n + 3) for n in lengths]  # each prompt plus 3 chunks to decode

@@ -32,7 +32,7 @@ def test_shapes_come_from_the_configs(shape):
     assert (shapes.hidden, shapes.heads, shapes.kv_heads, shapes.head_dim) == (
         config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
     )  # fmt: skip
-    assert (shapes.chunk_size, shapes.vocab, shapes.activation) == (config.patch_size, config.vocab_size,
+    assert (shapes.chunk_size, shapes.vocab, shapes.activation) == (config.chunk_size, config.vocab_size,
                                                                     config.hidden_act)  # fmt: skip
     assert (shapes.noise, shapes.latent, shapes.decoder_hidden, shapes.decoder_activation) == (
         config.noise_size, config.latent_size, ae.hidden_size, ae.hidden_act,
@@ -58,7 +58,7 @@ def test_packed_layers_are_the_module_weights_stored_once(shape):
         assert same_memory(layer.mlp.gate_up.weight, module.mlp.up_proj.weight), "gate/up stored twice"
         assert layer.o.weight is module.self_attn.o_proj.weight
         assert layer.input_norm.bias is None and layer.input_norm.eps == module.input_layernorm.eps
-    ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.chunk_size))
     assert torch.equal(model.hidden_states(ids), reference.hidden_states(ids)), "packing changed the model"
     assert weights.decoder.projection is model.autoencoder.decoder.lm_head_weight
     assert weights.backbone.embed is model.backbone.embed_tokens.weight

@@ -21,7 +21,7 @@ pytestmark = needs_triton
 def test_encode_matches_reference(model_name, rows, dtype, rel):
     model = random_calm_model(4, **AE_MODELS[model_name]).to(DEVICE, dtype)
     config = model.autoencoder.config
-    ids = torch.randint(0, config.vocab_size, (rows, config.patch_size), device=DEVICE)
+    ids = torch.randint(0, config.vocab_size, (rows, config.chunk_size), device=DEVICE)
     encoder = encoder_weights(model.autoencoder)
     mean, log_std = ae_encode(encoder, ids)
     ref_mean, ref_log_std = ae_encode_ref(encoder, ids)
@@ -37,7 +37,7 @@ def test_encode_matches_reference(model_name, rows, dtype, rel):
 def test_compress_matches_reference(model_name, rows, dtype, rel):
     model = random_calm_model(6, **AE_MODELS[model_name]).to(DEVICE, dtype)
     table = model.backbone.embed_tokens.weight
-    ids = torch.randint(0, table.shape[0], (rows, model.config.patch_size), device=DEVICE)
+    ids = torch.randint(0, table.shape[0], (rows, model.config.chunk_size), device=DEVICE)
     compression = ModelWeights.of(model).compression
     out = compress(compression, table, ids, out=poisoned(rows, table.shape[1], dtype=dtype))
     ref = compress_ref(compression, table, ids)

@@ -22,7 +22,7 @@ from tests.model_factory import random_calm_model, random_token_llama
 def same_outputs(a, b, rel: float = 1e-6) -> None:
     """Two models compute the same function on fresh random inputs."""
     config = a.config
-    ids = torch.randint(0, config.vocab_size, (2, 3 * config.patch_size))
+    ids = torch.randint(0, config.vocab_size, (2, 3 * config.chunk_size))
     assert_rel_close(a.hidden_states(ids), b.hidden_states(ids), rel, "hidden")
     hidden = torch.randn(5, config.hidden_size)
     noise = torch.rand(5, config.noise_size) - 0.5
@@ -224,7 +224,7 @@ def test_dtypes(saved, dtype):
     loaded = calm_engine.load(path, dtype=dtype)
     expected = torch.bfloat16 if dtype == "bf16" else dtype
     assert {p.dtype for p in loaded.parameters()} == {expected}
-    ids = torch.randint(0, model.config.vocab_size, (2, 4 * model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (2, 4 * model.config.chunk_size))
     # Half precision through a few layers: a few percent of the largest value.
     assert_rel_close(loaded.hidden_states(ids).float(), model.hidden_states(ids), 5e-2, "hidden")
 
@@ -276,7 +276,7 @@ def test_autoencoder_checkpoint_round_trip(tmp_path):
     save_autoencoder(model.autoencoder, tmp_path, safetensors=True)
     assert "decoder.lm_head_weight" in load_file(tmp_path / "model.safetensors")
     loaded = calm_engine.load_autoencoder(tmp_path)
-    ids = torch.randint(0, model.config.vocab_size, (3, 2 * model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (3, 2 * model.config.chunk_size))
     assert torch.equal(loaded.encode(ids)[0], model.autoencoder.encode(ids)[0])
     assert loaded.weights_tied
 
@@ -329,7 +329,7 @@ def test_non_finite_standalone_autoencoder_and_token_llama(tmp_path):
 
 def test_load_autoencoder_reads_the_one_a_calm_checkpoint_embeds(tmp_path, saved):
     model, path = saved
-    ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (2, 3 * model.config.chunk_size))
     embedded = calm_engine.load_autoencoder(path)
     assert torch.equal(embedded.encode(ids)[0], model.autoencoder.encode(ids)[0])
     default = calm_engine.load_autoencoder()  # the default model's, from its ae_model.* weights

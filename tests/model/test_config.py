@@ -21,7 +21,7 @@ def official_ae_dict() -> dict:
 def test_official_configs_parse_and_round_trip():
     calm = CalmConfig.from_file(shared_path("conformance", "calm"))
     ae = AutoencoderConfig.from_file(shared_path("conformance", "autoencoder", "config.json"))
-    assert (calm.patch_size, calm.hidden_size, calm.noise_size, calm.ae_path) == (4, 64, 16, "autoencoder")
+    assert (calm.chunk_size, calm.hidden_size, calm.noise_size, calm.ae_path) == (4, 64, 16, "autoencoder")
     assert (ae.num_encoder_layers, ae.latent_size, ae.rms_norm_eps) == (2, 16, 1e-6)
     calm.check_autoencoder(ae)
     assert CalmConfig.from_dict(calm.to_dict()) == calm

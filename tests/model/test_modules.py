@@ -30,7 +30,7 @@ SHAPES = [
 def test_incremental_decode_equals_prefill(shape):
     """Any split of a sequence into cached calls gives the hidden states of one uncached call."""
     model = random_calm_model(seed=11, patch_size=shape["patch_size"], calm=shape["calm"])
-    k = model.config.patch_size
+    k = model.config.chunk_size
     ids = torch.randint(0, model.config.vocab_size, (3, 7 * k))
     full = model.hidden_states(ids)
     for splits in ([7], [1] * 7, [3, 1, 2, 1], [5, 2]):
@@ -69,7 +69,7 @@ def naive_attention_backbone(model, ids):
 @pytest.mark.parametrize("shape", SHAPES, ids=["mha-k4", "gqa-k2", "mqa-k3-linear-rope"])
 def test_backbone_matches_naive_attention(shape):
     model = random_calm_model(seed=12, patch_size=shape["patch_size"], calm=shape["calm"])
-    ids = torch.randint(0, model.config.vocab_size, (2, 5 * model.config.patch_size))
+    ids = torch.randint(0, model.config.vocab_size, (2, 5 * model.config.chunk_size))
     assert_rel_close(model.hidden_states(ids), naive_attention_backbone(model, ids), 1e-5)
 
 
@@ -94,7 +94,7 @@ def test_rotary_rotates_pairs_half_apart():
 def test_causality():
     """Changing a later chunk never changes the hidden states of earlier chunks."""
     model = random_calm_model(seed=13)
-    k = model.config.patch_size
+    k = model.config.chunk_size
     ids = torch.randint(0, model.config.vocab_size, (1, 6 * k))
     changed = ids.clone()
     changed[:, 4 * k :] = (changed[:, 4 * k :] + 1) % model.config.vocab_size
@@ -112,14 +112,14 @@ def test_head_and_autoencoder_rows_are_independent():
     single = torch.cat([model.sample_latent(hidden[i : i + 1], noise[i : i + 1]) for i in range(7)])
     assert_rel_close(batched, single, 1e-6)
     logits = model.autoencoder.decode(batched[:, None])
-    assert logits.shape == (7, model.config.patch_size, model.config.vocab_size)
+    assert logits.shape == (7, model.config.chunk_size, model.config.vocab_size)
     # The noise matters: the head is a sampler, not a deterministic map.
     assert not torch.allclose(model.sample_latent(hidden, noise), model.sample_latent(hidden, -noise))
 
 
 def test_input_validation():
     model = random_calm_model(seed=15)
-    k, vocab = model.config.patch_size, model.config.vocab_size
+    k, vocab = model.config.chunk_size, model.config.vocab_size
     with pytest.raises(ValueError, match="not a positive multiple of the chunk size K=4"):
         model.hidden_states(torch.zeros(1, k + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
@@ -140,7 +140,7 @@ def test_input_validation():
 
 def test_context_and_cache_limits():
     model = random_calm_model(seed=16)
-    k, context = model.config.patch_size, model.config.max_chunks
+    k, context = model.config.chunk_size, model.config.max_chunks
     with pytest.raises(ValueError, match=f"exceed the model's context of {context} chunks"):
         model.hidden_states(torch.zeros(1, (context + 1) * k, dtype=torch.long))
     cache = model.new_cache(2, capacity=3)

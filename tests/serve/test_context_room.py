@@ -17,7 +17,7 @@ def llm():
 
 @pytest.mark.parametrize("prompt_tokens", [1, 3, 4, 5, 16, 29, 32])
 def test_room_is_what_the_engine_generates(llm, prompt_tokens):
-    k, capacity = llm.engine.patch_size, llm.engine.cache.capacity
+    k, capacity = llm.engine.chunk_size, llm.engine.cache.capacity
     room = completion_room(prompt_tokens, k, capacity)
     prompt = [5] * prompt_tokens
     asked = SamplingParams(max_tokens=room, ignore_eos=True, seed=1)

@@ -53,7 +53,7 @@ def test_clamped_kl_by_hand():
 @pytest.mark.parametrize("min_sample_std", [0.0, 1.0])
 def test_loss_terms_by_hand(min_sample_std):
     autoencoder = tiny_autoencoder()
-    chunks = torch.randint(0, TINY.vocab_size, (6, TINY.patch_size), generator=torch.Generator().manual_seed(1))
+    chunks = torch.randint(0, TINY.vocab_size, (6, TINY.chunk_size), generator=torch.Generator().manual_seed(1))
     terms = autoencoder_loss(
         autoencoder,
         chunks,
@@ -75,14 +75,14 @@ def test_loss_terms_by_hand(min_sample_std):
         logits = autoencoder.decode(mean + std * eps)
     nll = []
     for row in range(chunks.shape[0]):
-        for position in range(TINY.patch_size):
+        for position in range(TINY.chunk_size):
             scores = logits[row, position].double()
             nll.append(float(scores.logsumexp(0) - scores[chunks[row, position]]))
     ce = sum(nll) / len(nll)
     kl = float(clamped_kl(mean, log_std, 0.5))
     assert terms.ce.item() == pytest.approx(ce, rel=1e-5)
     assert terms.kl.item() == pytest.approx(kl, rel=1e-6)
-    assert terms.loss.item() == pytest.approx(ce * TINY.patch_size + 1e-3 * kl, rel=1e-5)
+    assert terms.loss.item() == pytest.approx(ce * TINY.chunk_size + 1e-3 * kl, rel=1e-5)
 
 
 def test_drop_token_and_drop_latent(monkeypatch):
@@ -100,7 +100,7 @@ def test_drop_token_and_drop_latent(monkeypatch):
 
     monkeypatch.setattr(autoencoder, "encode", recording_encode)
     monkeypatch.setattr(autoencoder, "decode", recording_decode)
-    chunks = torch.randint(1, TINY.vocab_size, (2000, TINY.patch_size), generator=torch.Generator().manual_seed(2))
+    chunks = torch.randint(1, TINY.vocab_size, (2000, TINY.chunk_size), generator=torch.Generator().manual_seed(2))
     autoencoder_loss(autoencoder, chunks, drop_token=0.15, drop_latent=0.15, kl_clamp=0.5, kl_weight=1e-3)
     ids, z = seen["ids"], seen["z"]
     dropped = ids == 0
@@ -117,12 +117,12 @@ def test_drop_token_and_drop_latent(monkeypatch):
 
 def plain_accuracy(autoencoder: Autoencoder, ids: torch.Tensor, noise: torch.Tensor | None) -> float:
     correct = total = 0
-    chunks = ids.reshape(-1, TINY.patch_size)
+    chunks = ids.reshape(-1, TINY.chunk_size)
     for index in range(chunks.shape[0]):
         mean, _ = autoencoder.encode(chunks[index : index + 1])
         latent = mean if noise is None else mean + noise[index : index + 1]
         logits = autoencoder.decode(latent)[0]
-        for position in range(TINY.patch_size):
+        for position in range(TINY.chunk_size):
             best = max(range(TINY.vocab_size), key=lambda token: float(logits[position, token]))
             correct += best == int(chunks[index, position])
             total += 1

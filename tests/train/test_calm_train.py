@@ -97,7 +97,7 @@ def test_config_validation_names_the_problem():
 
 def test_probe_adds_its_weighted_cross_entropy_by_hand():
     model = random_calm_model(seed=4)
-    k, vocab = model.config.patch_size, model.config.vocab_size
+    k, vocab = model.config.chunk_size, model.config.vocab_size
     windows = torch.randint(3, vocab, (2, 5 * k), generator=torch.Generator().manual_seed(5))
     probe = randomize_(NextChunkProbe(model.config.hidden_size, model.config.latent_size), seed=6)
     energy = calm_loss(model, windows, 4, 10, torch.Generator().manual_seed(7))
