@@ -131,6 +131,8 @@ def generate(args: argparse.Namespace) -> None:
     llm = LLM(args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(prompts)))
     if llm.model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer, so it cannot take text prompts")
+    if args.verbose:
+        print(llm.engine.describe(), file=sys.stderr)
     if len(prompts) == 1 and not args.no_stream:
         _stream(llm, prompts[0], params[0])
         return
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate_cmd.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     generate_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    generate_cmd.add_argument(
+        "--verbose", action="store_true", help="print what the engine resolved (device, backends, ISA level) to stderr"
+    )
     eval_cmd = commands.add_parser("eval", help="evaluate a model")
     metrics = eval_cmd.add_subparsers(dest="metric", required=True)
     add_brierlm_arguments(metrics.add_parser("brierlm", help="BrierLM (Brier-1..4) on a jsonl of documents"))

@@ -154,3 +154,10 @@ def test_brierlm_json_names_the_default_model(tmp_path, capsys):
     assert main(argv) == 0
     capsys.readouterr()
     assert json.loads(output.read_text())["model"] == str(default_model_path())
+
+
+def test_generate_verbose_prints_what_the_engine_resolved(capsys):
+    code = main(["generate", "Once", "--max-tokens", "4", "--seed", "0", "--device", "cpu", "--no-stream", "--verbose"])
+    assert code in (0, None)
+    err = capsys.readouterr().err
+    assert "calm-engine: CALM (K=4), float32 on cpu" in err and "backends: torch" in err
