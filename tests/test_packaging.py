@@ -26,4 +26,3 @@ def test_the_distribution_has_one_top_level_package(tmp_path):
     _setup("egg_info", "--egg-base", str(tmp_path))
     (egg_info,) = tmp_path.glob("*.egg-info")
     assert (egg_info / "top_level.txt").read_text().split() == ["calm_engine"]
-
