@@ -139,94 +139,10 @@ class CpuDecodeStep:
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
             )
         self.runner = runner
-        arrays: list = []
-
-        def index(tensor: torch.Tensor | None) -> int:
-            if tensor is None:
-                return -1
-            if not tensor.is_contiguous() or tensor.dtype != torch.float32:
-                raise ValueError("CpuDecodeStep: weights must be contiguous float32")
-            arrays.append(tensor.detach().numpy())  # a view: the step reads the very same memory
-            return len(arrays) - 1
-
-        def linear(module) -> tuple[int, int]:
-            return index(module.weight), index(module.bias)
-
-        def packed(weight, bias) -> tuple[int, int]:
-            return index(weight), index(bias)
-
-        def norm(module) -> tuple[int, int, float]:  # RMSNorm (no bias) or LayerNorm
-            return index(module.weight), index(getattr(module, "bias", None)), float(module.eps)
-
-        model, config, cache = runner.model, runner.config, runner.cache
-        proj = model.embed_proj
-        head = runner.head
-        decoder = runner.decoder
-        ae_config = model.autoencoder.config
-        spec = {
-            "hidden": config.hidden_size,
-            "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads,
-            "head_dim": config.head_dim,
-            "patch": config.patch_size,
-            "noise": config.noise_size,
-            "latent": config.latent_size,
-            "ae_hidden": ae_config.hidden_size,
-            "vocab": config.vocab_size,
-            "capacity": cache.capacity,
-            "slots": cache.slots,
-            "act": config.hidden_act,
-            "ae_act": ae_config.hidden_act,
-            "embed": index(model.backbone.embed_tokens.weight),
-            "compress0": linear(proj[0]),
-            "compress2": linear(proj[2]),
-            "compress_norm": norm(proj[3]),
-            "rope_cos": index(runner.rope_cos),
-            "rope_sin": index(runner.rope_sin),
-            "layers": [
-                {
-                    "input_norm": norm(layer.input_norm),
-                    "qkv": packed(layer.qkv_weight, layer.qkv_bias),
-                    "o": linear(layer.o_proj),
-                    "post_norm": norm(layer.post_norm),
-                    "gate_up": packed(layer.mlp.gate_up_weight, layer.mlp.gate_up_bias),
-                    "down": linear(layer.mlp.down),
-                    "keys": index(cache.keys[i]),
-                    "values": index(cache.values[i]),
-                }
-                for i, layer in enumerate(runner.layers)
-            ],
-            "final_norm": norm(model.backbone.norm),
-            "hidden_embd": linear(head.hidden_embd),
-            "noise_embd": linear(head.noise_embd),
-            "norm_hidden": norm(head.norm_hidden),
-            "norm_noise": norm(head.norm_noise),
-            "head_blocks": [
-                {
-                    "in_ln": norm(block.in_ln),
-                    "noise_half": packed(block.noise_weight, None),
-                    "hidden_half": packed(block.hidden_weight, block.first_bias),
-                    "second": linear(block.second),
-                    "third": linear(block.third),
-                    "down": linear(block.down),
-                }
-                for block in runner.head_blocks
-            ],
-            "final_ln": norm(head.final_layer.in_ln),
-            "final0": linear(head.final_layer.linears[0]),
-            "final2": linear(head.final_layer.linears[2]),
-            "latent_to_hidden": linear(decoder.latent_to_hidden),
-            "expand": linear(decoder.expand_layer),
-            "ae_layers": [
-                {"norm": norm(n), "gate_up": packed(mlp.gate_up_weight, mlp.gate_up_bias), "down": linear(mlp.down)}
-                for n, mlp in runner.decoder_layers
-            ],
-            "ae_norm": norm(decoder.norm),
-            "lm_head": packed(decoder.lm_head_weight, None),
-        }
+        weights = _runner_step_weights(runner)
         self.isa = resolve_isa(isa)
         blas = torch_blas_addresses()
-        projection = decoder.lm_head_weight
+        projection = runner.decoder.lm_head_weight
         norms = projection_row_norms(projection)
         # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums. From "avx2" up the
         # level's own kernel computes the screen's products; at "generic" only MKL's GEMM can.
@@ -244,7 +160,7 @@ class CpuDecodeStep:
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
         self._step = model_runner._calm_cpu.DecodeStep(
-            blas.sgemm, blas.set_threads_local, threads, spec, arrays, vocab_screen=screen, isa=self.isa
+            weights, blas.sgemm, blas.set_threads_local, threads, isa=self.isa, vocab_screen=screen
         )
 
     def run(self, ids, positions, slots, seeds, steps) -> torch.Tensor:
@@ -287,3 +203,80 @@ class CpuDecodeStep:
             return model_runner._calm_cpu.philox_uniform(seeds, counters, 1, dim)[:, 0]
         noise = self.runner.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, dim)[:, 0]
         return noise.contiguous().numpy()
+
+
+def _runner_step_weights(runner: ModelRunner):
+    """The runner's weights, KV cache and rotary tables as the C++ step's StepWeights (numpy views, nothing copied)."""
+    parts = model_runner._calm_cpu.StepWeights
+
+    def array(tensor: torch.Tensor | None):
+        return None if tensor is None else tensor.detach().numpy()
+
+    def linear(weight, bias=None):
+        return parts.Linear(array(weight), array(bias))
+
+    def module(m):
+        return linear(m.weight, m.bias)
+
+    def norm(m):
+        return parts.Norm(array(m.weight), array(getattr(m, "bias", None)), float(m.eps))
+
+    model, config, cache = runner.model, runner.config, runner.cache
+    proj, head, decoder = model.embed_proj, runner.head, runner.decoder
+    ae_config = model.autoencoder.config
+
+    def mlp(m, activation):
+        return parts.GatedMLP(linear(m.gate_up_weight, m.gate_up_bias), module(m.down), activation)
+
+    shapes = parts.Shapes(
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        config.patch_size, config.vocab_size, config.hidden_act, config.noise_size, config.latent_size,
+        ae_config.hidden_size, ae_config.hidden_act,
+    )  # fmt: skip
+    layers = [
+        parts.BackboneLayer(
+            norm(layer.input_norm),
+            linear(layer.qkv_weight, layer.qkv_bias),
+            module(layer.o_proj),
+            norm(layer.post_norm),
+            mlp(layer.mlp, config.hidden_act),
+        )  # fmt: skip
+        for layer in runner.layers
+    ]
+    blocks = [
+        parts.HeadBlock(
+            norm(b.in_ln),
+            linear(b.noise_weight),
+            linear(b.hidden_weight, b.first_bias),
+            module(b.second),
+            module(b.third),
+            module(b.down),
+        )  # fmt: skip
+        for b in runner.head_blocks
+    ]
+    return parts(
+        shapes,
+        parts.Backbone(array(model.backbone.embed_tokens.weight), layers, norm(model.backbone.norm)),
+        parts.Compression(module(proj[0]), module(proj[2]), norm(proj[3])),
+        parts.EnergyHead(
+            module(head.hidden_embd),
+            norm(head.norm_hidden),
+            module(head.noise_embd),
+            norm(head.norm_noise),
+            blocks,
+            norm(head.final_layer.in_ln),
+            module(head.final_layer.linears[0]),
+            module(head.final_layer.linears[2]),
+        ),  # fmt: skip
+        parts.Decoder(
+            module(decoder.latent_to_hidden),
+            [parts.DecoderLayer(norm(n), mlp(m, ae_config.hidden_act)) for n, m in runner.decoder_layers],
+            module(decoder.expand_layer),
+            norm(decoder.norm),
+            array(decoder.lm_head_weight),
+        ),  # fmt: skip
+        [array(t) for t in cache.keys],
+        [array(t) for t in cache.values],
+        array(runner.rope_cos),
+        array(runner.rope_sin),
+    )
