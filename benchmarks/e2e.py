@@ -39,6 +39,7 @@ from calm_engine.engine import model_runner  # noqa: E402
 from calm_engine.engine.cpu_step import ISA_LEVELS  # noqa: E402
 from calm_engine.engine.llm_engine import CPU_STEP_MAX_BATCH  # noqa: E402
 from calm_engine.engine.model_runner import ModelRunner  # noqa: E402
+from calm_engine.engine.weights import ModelWeights  # noqa: E402
 
 
 def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int, avoid: set[int]) -> list[list[int]]:
@@ -69,58 +70,41 @@ def time_engine(llm: LLM, batch: int, prompt_len: int, new_tokens: int, params: 
     }
 
 
-def step_matmuls(runner: ModelRunner, batch: int, samples: int) -> list[tuple[torch.Size, torch.Tensor]]:
+def step_matmuls(weights: ModelWeights, batch: int, samples: int) -> list[tuple[torch.Size, torch.Tensor]]:
     """(input shape, weight) of every linear layer one decode step runs, in order, at its row count."""
-    config = runner.config
-    k = config.patch_size
-    proj = runner.model.embed_proj
-    head = runner.head
+    shapes = weights.shapes
+    k = shapes.chunk_size
+    compression, head, decoder = weights.compression, weights.head, weights.decoder
     rows = batch * samples
-    work = [((batch, k * config.hidden_size), proj[0].weight), ((batch, 2 * config.hidden_size), proj[2].weight)]
-    for layer in runner.layers:
-        work += [
-            ((batch, config.hidden_size), layer.qkv_weight),
-            ((batch, layer.o_proj.in_features), layer.o_proj.weight),
-            ((batch, config.hidden_size), layer.mlp.gate_up_weight),
-            ((batch, layer.mlp.down.in_features), layer.mlp.down.weight),
-        ]
-    work += [
-        ((batch, config.hidden_size), head.hidden_embd.weight),
-        ((rows, config.noise_size), head.noise_embd.weight),
-    ]
-    for block in runner.head_blocks:
-        work += [
-            ((batch, config.hidden_size), block.hidden_weight),
-            ((rows, config.hidden_size), block.noise_weight),
-            ((rows, config.hidden_size), block.second.weight),
-            ((rows, config.hidden_size), block.third.weight),
-            ((rows, config.hidden_size), block.down.weight),
-        ]
-    final = head.final_layer.linears
-    work += [((rows, config.hidden_size), final[0].weight), ((rows, config.hidden_size), final[2].weight)]
-    decoder = runner.decoder
-    stage = len(runner.decoder_layers) // 2
-    work.append(((rows, config.latent_size), decoder.latent_to_hidden.weight))
-    for index, (_, mlp) in enumerate(runner.decoder_layers):
-        positions = rows if index < stage else rows * k
-        work += [
-            ((positions, mlp.gate_up_weight.shape[1]), mlp.gate_up_weight),
-            ((positions, mlp.down.in_features), mlp.down.weight),
-        ]
-        if index == stage - 1:
-            work.append(((rows, decoder.expand_layer.in_features), decoder.expand_layer.weight))
-    work.append(((rows * k, decoder.lm_head_weight.shape[1]), decoder.lm_head_weight))
+
+    def at(count: int, *linears) -> list[tuple[tuple[int, int], torch.Tensor]]:
+        return [((count, linear.in_features), linear.weight) for linear in linears]
+
+    work = at(batch, compression.first, compression.second)
+    for layer in weights.backbone.layers:
+        work += at(batch, layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)
+    work += at(batch, head.hidden_embed) + at(rows, head.noise_embed)
+    for block in head.blocks:
+        work += at(batch, block.hidden_half) + at(rows, block.noise_half, block.second, block.third, block.down)
+    work += at(rows, head.final_first, head.final_second)
+    work += at(rows, decoder.latent_to_hidden)
+    for index, layer in enumerate(decoder.layers):
+        work += at(rows if index < decoder.stage else rows * k, layer.mlp.gate_up, layer.mlp.down)
+        if index == decoder.stage - 1:
+            work += at(rows, decoder.expand)
+    work.append(((rows * k, decoder.projection.shape[1]), decoder.projection))
     return work
 
 
 def floor_products(runner: ModelRunner, batch: int, samples: int, screened: bool = False):
     """A function running the step's matrix products alone (inputs made beforehand); `screened`: the vocabulary
     projection in bfloat16, as the C++ step's screen computes it."""
-    work = [(torch.randn(shape, dtype=weight.dtype), weight) for shape, weight in step_matmuls(runner, batch, samples)]
-    projection = runner.decoder.lm_head_weight
+    weights = runner.weights
+    work = [(torch.randn(shape, dtype=weight.dtype), weight) for shape, weight in step_matmuls(weights, batch, samples)]
+    projection = weights.decoder.projection
     if screened:
         projection = projection.bfloat16()
-        work = [(x.bfloat16(), projection) if w is runner.decoder.lm_head_weight else (x, w) for x, w in work]
+        work = [(x.bfloat16(), projection) if w is weights.decoder.projection else (x, w) for x, w in work]
 
     def run():
         for x, weight in work:

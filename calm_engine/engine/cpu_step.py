@@ -32,6 +32,7 @@ import torch
 
 from calm_engine.engine import model_runner
 from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
+from calm_engine.engine.step.native_weights import native_step_weights
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,12 @@ class CpuDecodeStep:
                 "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
             )
         self.runner = runner
-        weights = _runner_step_weights(runner)
+        weights = native_step_weights(
+            runner.weights, runner.cache.keys, runner.cache.values, runner.rope_cos, runner.rope_sin
+        )
         self.isa = resolve_isa(isa)
         blas = torch_blas_addresses()
-        projection = runner.decoder.lm_head_weight
+        projection = runner.weights.decoder.projection
         norms = projection_row_norms(projection)
         # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums. From "avx2" up the
         # level's own kernel computes the screen's products; at "generic" only MKL's GEMM can.
@@ -203,80 +206,3 @@ class CpuDecodeStep:
             return model_runner._calm_cpu.philox_uniform(seeds, counters, 1, dim)[:, 0]
         noise = self.runner.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, dim)[:, 0]
         return noise.contiguous().numpy()
-
-
-def _runner_step_weights(runner: ModelRunner):
-    """The runner's weights, KV cache and rotary tables as the C++ step's StepWeights (numpy views, nothing copied)."""
-    parts = model_runner._calm_cpu.StepWeights
-
-    def array(tensor: torch.Tensor | None):
-        return None if tensor is None else tensor.detach().numpy()
-
-    def linear(weight, bias=None):
-        return parts.Linear(array(weight), array(bias))
-
-    def module(m):
-        return linear(m.weight, m.bias)
-
-    def norm(m):
-        return parts.Norm(array(m.weight), array(getattr(m, "bias", None)), float(m.eps))
-
-    model, config, cache = runner.model, runner.config, runner.cache
-    proj, head, decoder = model.embed_proj, runner.head, runner.decoder
-    ae_config = model.autoencoder.config
-
-    def mlp(m, activation):
-        return parts.GatedMLP(linear(m.gate_up_weight, m.gate_up_bias), module(m.down), activation)
-
-    shapes = parts.Shapes(
-        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-        config.patch_size, config.vocab_size, config.hidden_act, config.noise_size, config.latent_size,
-        ae_config.hidden_size, ae_config.hidden_act,
-    )  # fmt: skip
-    layers = [
-        parts.BackboneLayer(
-            norm(layer.input_norm),
-            linear(layer.qkv_weight, layer.qkv_bias),
-            module(layer.o_proj),
-            norm(layer.post_norm),
-            mlp(layer.mlp, config.hidden_act),
-        )  # fmt: skip
-        for layer in runner.layers
-    ]
-    blocks = [
-        parts.HeadBlock(
-            norm(b.in_ln),
-            linear(b.noise_weight),
-            linear(b.hidden_weight, b.first_bias),
-            module(b.second),
-            module(b.third),
-            module(b.down),
-        )  # fmt: skip
-        for b in runner.head_blocks
-    ]
-    return parts(
-        shapes,
-        parts.Backbone(array(model.backbone.embed_tokens.weight), layers, norm(model.backbone.norm)),
-        parts.Compression(module(proj[0]), module(proj[2]), norm(proj[3])),
-        parts.EnergyHead(
-            module(head.hidden_embd),
-            norm(head.norm_hidden),
-            module(head.noise_embd),
-            norm(head.norm_noise),
-            blocks,
-            norm(head.final_layer.in_ln),
-            module(head.final_layer.linears[0]),
-            module(head.final_layer.linears[2]),
-        ),  # fmt: skip
-        parts.Decoder(
-            module(decoder.latent_to_hidden),
-            [parts.DecoderLayer(norm(n), mlp(m, ae_config.hidden_act)) for n, m in runner.decoder_layers],
-            module(decoder.expand_layer),
-            norm(decoder.norm),
-            array(decoder.lm_head_weight),
-        ),  # fmt: skip
-        [array(t) for t in cache.keys],
-        [array(t) for t in cache.values],
-        array(runner.rope_cos),
-        array(runner.rope_sin),
-    )

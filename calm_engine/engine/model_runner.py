@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from calm_engine.engine.kv_cache import SlotKVCache
 from calm_engine.engine.sampler import ExactState, approximate_choice, exact_choice
+from calm_engine.engine.weights import GatedMLP, Linear, ModelWeights, Norm
 from calm_engine.model.calm import CalmModel
-from calm_engine.model.layers import ACTIVATION_FUNCTIONS, RMSNorm
+from calm_engine.model.layers import ACTIVATION_FUNCTIONS, rms_norm
 from calm_engine.model.llama import rotary_cos_sin
+from calm_engine.model.token_llama import TokenLlama
 from kernels import triton_available
 from kernels.philox import uniform_noise, uniform_noise_ref
 
@@ -83,29 +84,23 @@ def philox_noise(seeds: torch.Tensor, counters: torch.Tensor, samples: int, dim:
     return uniform_noise_ref(seeds, counters, samples, dim)
 
 
-def _pack(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the linears' weights (and biases) and make each module's parameters views into the result."""
-    weight = torch.cat([m.weight.detach() for m in modules])
-    has_bias = modules[0].bias is not None
-    bias = torch.cat([m.bias.detach() for m in modules]) if has_bias else None
-    start = 0
-    for m in modules:
-        end = start + m.out_features
-        m.weight = nn.Parameter(weight[start:end], requires_grad=False)
-        if has_bias:
-            m.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
-    return weight, bias
-
-
-def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm(x)  # half precision: keep the reference's normalise-in-float32-then-scale order
+    return rms_norm(x, norm.weight, norm.eps)  # half precision: the reference's normalise-then-scale order
 
 
-def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+def _layer_norm(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+
+def _linear(x: torch.Tensor, linear: Linear) -> torch.Tensor:
+    return F.linear(x, linear.weight, linear.bias)
+
+
+def _gated_mlp(x: torch.Tensor, mlp: GatedMLP) -> torch.Tensor:
+    gate, up = _linear(x, mlp.gate_up).chunk(2, dim=-1)
+    return _linear(ACTIVATION_FUNCTIONS[mlp.activation](gate) * up, mlp.down)
 
 
 def project_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -158,41 +153,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-class _GatedMLP:
-    """A GatedMLP with gate and up packed into one projection."""
-
-    def __init__(self, mlp, activation: str):
-        self.gate_up_weight, self.gate_up_bias = _pack([mlp.gate_proj, mlp.up_proj])
-        self.down = mlp.down_proj
-        self.act = ACTIVATION_FUNCTIONS[activation]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.down.weight, self.down.bias)
-
-
-class _Layer:
-    def __init__(self, layer, activation: str):
-        attn = layer.self_attn
-        self.qkv_weight, self.qkv_bias = _pack([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o_proj = attn.o_proj
-        self.mlp = _GatedMLP(layer.mlp, activation)
-        self.input_norm = layer.input_layernorm
-        self.post_norm = layer.post_attention_layernorm
-
-
-class _HeadBlock:
-    """An MLPBlock whose first linear is split into its noise half (per sample) and hidden half (per row)."""
-
-    def __init__(self, block, channels: int):
-        first, second, third = block.linears[0], block.linears[2], block.linears[4]
-        self.in_ln = block.in_ln
-        self.noise_weight = first.weight.detach()[:, :channels].contiguous()
-        self.hidden_weight = first.weight.detach()[:, channels:].contiguous()
-        self.first_bias = first.bias
-        self.second, self.third, self.down = second, third, block.down_proj
-
-
 class BackboneRunner:
     """The Llama backbone over the engine's cache slots: `prefill` and `decode` -> last hidden state [B, H].
 
@@ -202,7 +162,11 @@ class BackboneRunner:
     """
 
     def __init__(
-        self, model: nn.Module, cache: SlotKVCache, noise: NoiseFn = philox_noise, use_kernels: bool | None = None
+        self,
+        model: CalmModel | TokenLlama,
+        cache: SlotKVCache,
+        noise: NoiseFn = philox_noise,
+        use_kernels: bool | None = None,
     ):
         self.model = model
         self.config = config = model.config
@@ -212,7 +176,8 @@ class BackboneRunner:
         # triton interpreter.
         self.use_kernels = (model.device.type == "cuda" and triton_available()) if use_kernels is None else use_kernels
         self.patch_size = config.patch_size
-        self.layers = [_Layer(layer, config.hidden_act) for layer in model.backbone.layers]
+        self.weights = ModelWeights.of(model)
+        self.layers = self.weights.backbone.layers
         positions = torch.arange(cache.capacity, device=model.device)[None]
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling, model.dtype)
         self.rope_cos, self.rope_sin = cos[0], sin[0]
@@ -242,9 +207,7 @@ class BackboneRunner:
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
-            q, k, v = F.linear(h, layer.qkv_weight, layer.qkv_bias).split(
-                [heads * dim, kv_heads * dim, kv_heads * dim], dim=-1
-            )
+            q, k, v = _linear(h, layer.qkv).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
             q = _rotate(q.view(batch, steps, heads, dim), cos, sin)
             k = _rotate(k.view(batch, steps, kv_heads, dim), cos, sin)
             v = v.view(batch, steps, kv_heads, dim)
@@ -253,10 +216,10 @@ class BackboneRunner:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
             )
-            x = x + F.linear(out.transpose(1, 2).reshape(batch, steps, -1), layer.o_proj.weight, layer.o_proj.bias)
-            x = x + layer.mlp(_rms_norm(x, layer.post_norm))
+            x = x + _linear(out.transpose(1, 2).reshape(batch, steps, -1), layer.o)
+            x = x + _gated_mlp(_rms_norm(x, layer.post_norm), layer.mlp)
         last = x[torch.arange(batch, device=ids.device), chunk_lengths - 1]
-        return _rms_norm(last, self.model.backbone.norm)
+        return _rms_norm(last, self.weights.backbone.norm)
 
     def decode(
         self,
@@ -281,7 +244,7 @@ class BackboneRunner:
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(batch, heads + 2 * kv_heads, dim)
+            qkv = _linear(h, layer.qkv).view(batch, heads + 2 * kv_heads, dim)
             qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotate together: half the ops
             keys, values = self.cache.keys[i], self.cache.values[i]
             keys[slots, :, positions] = qk[:, heads:]
@@ -301,9 +264,9 @@ class BackboneRunner:
                 out = F.scaled_dot_product_attention(
                     qk[:, :heads, None], past_keys, past_values, attn_mask=mask, enable_gqa=True
                 )
-            x = x + F.linear(out.reshape(batch, -1), layer.o_proj.weight, layer.o_proj.bias)
-            x = x + layer.mlp(_rms_norm(x, layer.post_norm))
-        return _rms_norm(x, self.model.backbone.norm)
+            x = x + _linear(out.reshape(batch, -1), layer.o)
+            x = x + _gated_mlp(_rms_norm(x, layer.post_norm), layer.mlp)
+        return _rms_norm(x, self.weights.backbone.norm)
 
 
 class ModelRunner(BackboneRunner):
@@ -313,13 +276,8 @@ class ModelRunner(BackboneRunner):
         self, model: CalmModel, cache: SlotKVCache, noise: NoiseFn = philox_noise, use_kernels: bool | None = None
     ):
         super().__init__(model, cache, noise, use_kernels)
-        head = model.generative_head
-        self.head = head
-        self.head_blocks = [_HeadBlock(b, self.config.hidden_size) for b in head.mlp_blocks]
-        decoder = model.autoencoder.decoder
-        ae_act = model.autoencoder.config.hidden_act
-        self.decoder = decoder
-        self.decoder_layers = [(layer.layernorm, _GatedMLP(layer.mlp, ae_act)) for layer in decoder.decoder_layers]
+        self.head = model.generative_head
+        self.decoder = model.autoencoder.decoder
 
     def compress(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T*K] -> backbone inputs [B, T, hidden]: each chunk's K embeddings concatenated and compressed."""
@@ -331,47 +289,43 @@ class ModelRunner(BackboneRunner):
             return ae_encode.compress(self.model.embed_proj, self.model.backbone.embed_tokens.weight, flat).view(
                 batch, flat.shape[0] // batch, -1
             )
-        proj = self.model.embed_proj
-        x = F.embedding(ids, self.model.backbone.embed_tokens.weight).reshape(
-            batch, ids.shape[1] // self.patch_size, -1
-        )
-        x = F.silu(F.linear(x, proj[0].weight, proj[0].bias))
-        return _layer_norm(F.linear(x, proj[2].weight, proj[2].bias), proj[3])
+        compression = self.weights.compression
+        x = F.embedding(ids, self.weights.backbone.embed).reshape(batch, ids.shape[1] // self.patch_size, -1)
+        x = F.silu(_linear(x, compression.first))
+        return _layer_norm(_linear(x, compression.second), compression.norm)
 
     # ---- head and autoencoder ---------------------------------------------------------------------------------
 
     def head_pool(self, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """hidden [B, H], noise [B, S, noise_size] -> latents [B, S, latent]; per-row work done once per row."""
-        head = self.head
-        condition = _layer_norm(F.linear(hidden, head.hidden_embd.weight, head.hidden_embd.bias), head.norm_hidden)
-        x = _layer_norm(F.linear(noise.to(hidden.dtype), head.noise_embd.weight, head.noise_embd.bias), head.norm_noise)
-        for block in self.head_blocks:
-            row_part = F.linear(condition, block.hidden_weight, block.first_bias)[:, None]
-            y = F.silu(F.linear(_layer_norm(x, block.in_ln), block.noise_weight) + row_part)
-            y = F.silu(F.linear(y, block.second.weight, block.second.bias))
-            gate, up = F.linear(y, block.third.weight, block.third.bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, block.down.weight, block.down.bias)
-        final = head.final_layer.linears
-        y = F.silu(F.linear(_layer_norm(x, head.final_layer.in_ln), final[0].weight, final[0].bias))
-        return F.linear(y, final[2].weight, final[2].bias)
+        head = self.weights.head
+        condition = _layer_norm(_linear(hidden, head.hidden_embed), head.hidden_norm)
+        x = _layer_norm(_linear(noise.to(hidden.dtype), head.noise_embed), head.noise_norm)
+        for block in head.blocks:
+            row_part = _linear(condition, block.hidden_half)[:, None]
+            y = F.silu(_linear(_layer_norm(x, block.norm), block.noise_half) + row_part)
+            y = F.silu(_linear(y, block.second))
+            gate, up = _linear(y, block.third).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, block.down)
+        y = F.silu(_linear(_layer_norm(x, head.final_norm), head.final_first))
+        return _linear(y, head.final_second)
 
     def decode_argmax(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [M, latent] -> greedy ids [M, K]; the vocabulary projection runs in blocks (project_argmax)."""
-        decoder = self.decoder
         if self.use_kernels:
             from kernels import ae_decode
 
-            return ae_decode.decode_argmax(decoder, latents)[0]
+            return ae_decode.decode_argmax(self.decoder, latents)[0]
+        decoder = self.weights.decoder
         rows = latents.shape[0]
-        x = F.linear(latents, decoder.latent_to_hidden.weight, decoder.latent_to_hidden.bias)
-        stage = len(self.decoder_layers) // 2
-        for norm, mlp in self.decoder_layers[:stage]:
-            x = x + mlp(_rms_norm(x, norm))
-        x = F.linear(x, decoder.expand_layer.weight, decoder.expand_layer.bias).reshape(rows * self.patch_size, -1)
-        for norm, mlp in self.decoder_layers[stage:]:
-            x = x + mlp(_rms_norm(x, norm))
+        x = _linear(latents, decoder.latent_to_hidden)
+        for layer in decoder.layers[: decoder.stage]:
+            x = x + _gated_mlp(_rms_norm(x, layer.norm), layer.mlp)
+        x = _linear(x, decoder.expand).reshape(rows * self.patch_size, -1)
+        for layer in decoder.layers[decoder.stage :]:
+            x = x + _gated_mlp(_rms_norm(x, layer.norm), layer.mlp)
         x = _rms_norm(x, decoder.norm)
-        return project_argmax(x, decoder.lm_head_weight).view(rows, self.patch_size)
+        return project_argmax(x, decoder.projection).view(rows, self.patch_size)
 
     # ---- sampling ---------------------------------------------------------------------------------------------
 

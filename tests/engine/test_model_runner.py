@@ -75,7 +75,7 @@ def test_packing_keeps_the_reference_model_intact():
     reference, fast, runner = make("mha-k3-bias")
     ids = random_ids(fast.config, 2, 3)
     assert torch.equal(fast.hidden_states(ids), reference.hidden_states(ids))
-    packed = runner.layers[0].qkv_weight
+    packed = runner.weights.backbone.layers[0].qkv.weight
     k_proj = fast.backbone.layers[0].self_attn.k_proj.weight
     assert packed.untyped_storage().data_ptr() == k_proj.untyped_storage().data_ptr(), "weights stored twice"
 

@@ -111,7 +111,7 @@ def test_runner_shares_the_model_weights():
     reference, runner = make_runner("gelu-tied-rope-linear")
     model = runner.model
     assert runner.patch_size == 1 and runner.lm_head_weight is model.backbone.embed_tokens.weight
-    packed = runner.layers[0].qkv_weight
+    packed = runner.weights.backbone.layers[0].qkv.weight
     k_proj = model.backbone.layers[0].self_attn.k_proj.weight
     assert packed.untyped_storage().data_ptr() == k_proj.untyped_storage().data_ptr(), "weights stored twice"
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
