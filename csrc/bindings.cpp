@@ -9,6 +9,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "blas.h"
@@ -192,7 +193,10 @@ void register_step_weights(py::module_& m) {
   array_property(norm, "bias", &Norm::bias);
 
   py::class_<GatedMLP>(weights, "GatedMLP")
-      .def(py::init<Linear, Linear, std::string>(), py::arg("gate_up"), py::arg("down"), py::arg("activation"))
+      .def(py::init([](Linear gate_up, Linear down, std::string activation) {
+             return GatedMLP{gate_up, down, std::move(activation)};
+           }),
+           py::arg("gate_up"), py::arg("down"), py::arg("activation"))
       .def_readonly("gate_up", &GatedMLP::gate_up)
       .def_readonly("down", &GatedMLP::down)
       .def_readonly("activation", &GatedMLP::activation);

@@ -63,8 +63,9 @@ void check_norm(const std::string& field, const Norm& n, const Dim& size, bool l
   if (!(std::isfinite(n.eps) && n.eps >= 0.0f)) fail(field + ".eps", "expected a finite eps >= 0, got " + std::to_string(n.eps));
 }
 
-// gate_up [2 inner, width] (gate rows, then up rows) and down [width, inner]; the activation `expected`.
-void check_mlp(const std::string& field, const GatedMLP& mlp, const Dim& width, const std::string& expected,
+// gate_up [2 inner, width] (gate rows, then up rows) and down [width, inner]; the activation `expected`, parsed into
+// mlp.act.
+void check_mlp(const std::string& field, GatedMLP& mlp, const Dim& width, const std::string& expected,
                const char* expected_field) {
   check_linear(field + ".gate_up", mlp.gate_up, {kAny, "2 inner"}, width);
   if (mlp.gate_up.out() % 2 != 0)
@@ -73,6 +74,7 @@ void check_mlp(const std::string& field, const GatedMLP& mlp, const Dim& width, 
   check_linear(field + ".down", mlp.down, width, {mlp.gate_up.out() / 2, "inner"});
   if (mlp.activation != expected)
     fail(field + ".activation", "'" + mlp.activation + "' differs from " + expected_field + " '" + expected + "'");
+  mlp.act = parse_activation(mlp.activation);  // known: check_shapes parsed `expected`
 }
 
 void check_shapes(const Shapes& s) {
@@ -114,7 +116,7 @@ StepWeights::StepWeights(Shapes shapes_, Backbone backbone_, Compression compres
   check_array("backbone.embed", backbone.embed, {vocab, hidden});
   if (backbone.layers.empty()) fail("backbone.layers", "expected at least one layer, got none");
   for (size_t i = 0; i < backbone.layers.size(); ++i) {
-    const BackboneLayer& layer = backbone.layers[i];
+    BackboneLayer& layer = backbone.layers[i];
     const std::string field = "backbone.layers[" + std::to_string(i) + "]";
     check_norm(field + ".input_norm", layer.input_norm, hidden, false);
     check_linear(field + ".qkv", layer.qkv, {(s.heads + 2 * s.kv_heads) * s.head_dim, "(heads + 2 kv_heads) head_dim"},

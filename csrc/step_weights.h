@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "elementwise.h"
@@ -54,14 +53,9 @@ struct Norm {
 
 // down(act(gate) * up), gate_up = [gate rows; up rows].
 struct GatedMLP {
-  GatedMLP() = default;
-  GatedMLP(Linear gate_up, Linear down, std::string activation)
-      : gate_up(std::move(gate_up)), down(std::move(down)), activation(std::move(activation)),
-        act(parse_activation(this->activation)) {}
-
   Linear gate_up, down;
   std::string activation;
-  Activation act = Activation::kSilu;
+  Activation act = Activation::kSilu;  // `activation` parsed by StepWeights' checks
 };
 
 struct BackboneLayer {
