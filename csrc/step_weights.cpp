@@ -47,7 +47,8 @@ void check_array(const std::string& field, const Array& a, const std::vector<Dim
   for (size_t i = 0; fits && i < dims.size(); ++i)
     fits = dims[i].size == kAny ? a.shape[i] > 0 : a.shape[i] == dims[i].size;
   if (!fits) fail(field, "expected " + dims_text(dims) + ", got " + shape_text(a.shape));
-  if (writable && !a.writable) fail(field, "expected a writable array (the step writes the cache), got a read-only one");
+  if (writable && !a.writable)
+    fail(field, "expected a writable array (the step writes the cache), got a read-only one");
 }
 
 void check_linear(const std::string& field, const Linear& l, const Dim& out, const Dim& in) {
@@ -57,10 +58,12 @@ void check_linear(const std::string& field, const Linear& l, const Dim& out, con
 
 void check_norm(const std::string& field, const Norm& n, const Dim& size, bool layer_norm) {
   check_array(field + ".weight", n.weight, {size});
-  if (layer_norm && !n.bias.present()) fail(field + ".bias", "expected a LayerNorm's bias " + dims_text({size}) + ", got None");
+  if (layer_norm && !n.bias.present())
+    fail(field + ".bias", "expected a LayerNorm's bias " + dims_text({size}) + ", got None");
   if (!layer_norm && n.bias.present()) fail(field + ".bias", "expected None (an RMSNorm), got an array");
   if (layer_norm) check_array(field + ".bias", n.bias, {size});
-  if (!(std::isfinite(n.eps) && n.eps >= 0.0f)) fail(field + ".eps", "expected a finite eps >= 0, got " + std::to_string(n.eps));
+  if (!(std::isfinite(n.eps) && n.eps >= 0.0f))
+    fail(field + ".eps", "expected a finite eps >= 0, got " + std::to_string(n.eps));
 }
 
 // gate_up [2 inner, width] (gate rows, then up rows) and down [width, inner]; the activation `expected`, parsed into
@@ -88,7 +91,8 @@ void check_shapes(const Shapes& s) {
            "expected a positive size, got " + std::to_string(size) + " (the C++ step runs CALM models only)");
   if (s.heads % s.kv_heads != 0)
     fail("shapes.heads", std::to_string(s.heads) + " is not a multiple of kv_heads " + std::to_string(s.kv_heads));
-  if (s.head_dim % 2 != 0) fail("shapes.head_dim", "expected an even size (rotary pairs), got " + std::to_string(s.head_dim));
+  if (s.head_dim % 2 != 0)
+    fail("shapes.head_dim", "expected an even size (rotary pairs), got " + std::to_string(s.head_dim));
   const std::pair<const char*, const std::string*> activations[] = {{"activation", &s.activation},
                                                                      {"decoder_activation", &s.decoder_activation}};
   for (const auto& [name, value] : activations) {

@@ -135,7 +135,7 @@ py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16
 }  // namespace
 
 void register_test_bindings(py::module_& module) {
-  py::module_ m = module.def_submodule("testing", "the decode step's kernels one by one, for tests (csrc/test_bindings.cpp)");
+  py::module_ m = module.def_submodule("testing", "the decode step's kernels one by one, for tests");
   m.def("pack_width", &pack_width, py::arg("isa"), "outputs per group of the level's packed products (0: none)");
   m.def("packed_linear_into", &packed_linear_into, py::arg("isa"), py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("y"), py::arg("accumulate"), py::arg("g0"), py::arg("g1"));

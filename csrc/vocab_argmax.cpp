@@ -92,8 +92,8 @@ void VocabArgmax::enable_screen(GemmBf16 gemm, const uint16_t* weight_bf16, cons
   if (!(screen_.max_row_norm < 1e30)) {
     int row = 0;
     while (row + 1 < vocab_ && row_norm[row] < 1e30f) ++row;
-    throw std::invalid_argument("vocab_screen: the screen needs finite decoder.projection rows of norm below 1e30; row " +
-                                std::to_string(row) + " is not");
+    throw std::invalid_argument("vocab_screen: the screen needs finite decoder.projection rows of norm below 1e30; "
+                                "row " + std::to_string(row) + " is not");
   }
   // A packed copy for the level's kernel (MKL's GEMM repacks the weight on every call).
   int group = 0;
