@@ -13,6 +13,9 @@ class OptionalBuildExt(build_ext):
 
     def build_extension(self, ext):
         try:
+            import pybind11  # a build requirement (pyproject.toml): imported here, so setup.py loads without it
+
+            ext.include_dirs.append(pybind11.get_include())
             super().build_extension(ext)
         except Exception as error:  # noqa: BLE001 - any compiler or header problem
             message = f"calm_engine._calm_cpu was not built ({error}); the engine falls back to tensor ops"
@@ -26,8 +29,6 @@ def package_version() -> str:
 
 
 def calm_cpu_extension() -> Extension:
-    import pybind11
-
     return Extension(
         "calm_engine._calm_cpu",
         [
@@ -60,7 +61,6 @@ def calm_cpu_extension() -> Extension:
             "csrc/vocab_argmax.h",
             "csrc/vocab_screen.h",
         ],
-        include_dirs=[pybind11.get_include()],
         language="c++",
         # No fused multiply-add: the noise must round exactly like the kernel and the tensor reference.
         # No -fopenmp: a second OpenMP runtime beside torch's own libgomp makes torch's threaded sgemm, which the
@@ -89,7 +89,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["calm_engine", "calm_engine.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in kernels/ at the top of the repository and install as calm_engine.kernels: the
+    # distribution provides the one top-level package calm_engine (a top-level `kernels` would collide with the PyPI
+    # package of that name, Hugging Face's kernel hub). tests/test_packaging.py checks it.
+    packages=[*find_packages(include=["calm_engine", "calm_engine.*"]), "calm_engine.kernels"],
+    package_dir={"calm_engine.kernels": "kernels"},
     # The shipped default model (calm_engine/default_model/): what `calm_engine.load()` and `calm generate` use offline.
     package_data={"calm_engine": ["default_model/*.md", "default_model/*/*", "default_model/*/*/*"]},
     install_requires=[

@@ -11,9 +11,9 @@ stub reports `GPUTarget("cuda", 90, 32)` (or 80), and triton's JIT cache hook se
 has bound and specialised the launcher's arguments (so a launcher passing what its kernel does not take fails here, as
 it would on a GPU) and before anything compiles or runs; the hook records the launch and skips it. The launchers run
 for real on host tensors (kernels/utils.check_launch accepts them under a recording driver) at three sets of shapes:
-- the engine's decode step, ModelRunner through the CUDA-graph runner, at every default graph bucket (a padding row
-  in each bucket above 1) at T = 1 and at T = 0.5 with both samplers, on a CALM-M model with one backbone layer
-  (every layer makes the same launches) in bf16 and fp16;
+- the engine's decode step, the PyTorch step with the Triton ops (TritonOps) through the graph step, at every
+  default graph bucket (a padding row in each bucket above 1) at T = 1 and at T = 0.5 with both samplers, on a
+  CALM-M model with one backbone layer (every layer makes the same launches) in bf16 and fp16;
 - CALM-M shapes (benchmarks/shapes.py KERNEL_SIZES) in fp32, bf16 and fp16;
 - the kernel tests' shapes (tests/kernels/cases.py) in fp32 (the rows CI runs under the interpreter) and bf16 (the
   CUDA-only rows; fp16 differs from bf16 only in the MMA type and is compiled in the two sets above). A test launch
@@ -261,8 +261,18 @@ def _empty_calm_m(dtype, layers: int = 1):
 def plan_test_shapes(recorder: Recorder) -> None:
     """The launches of tests/kernels at their shapes, in each dtype (on a GPU the bf16/fp16 rows run too)."""
     import torch
+    from calm_engine.kernels import (
+        ae_decode,
+        ae_encode,
+        decode_attention,
+        energy_head,
+        fused_linear,
+        philox,
+        rms_norm,
+        swiglu,
+    )
 
-    from kernels import ae_decode, ae_encode, decode_attention, energy_head, fused_linear, philox, rms_norm, swiglu
+    from calm_engine.engine.weights import ModelWeights, encoder_weights
     from tests.kernels import cases
     from tests.model_factory import random_calm_model
 
@@ -299,22 +309,23 @@ def plan_test_shapes(recorder: Recorder) -> None:
 
         def heads(dtype=dtype):
             for shape in cases.HEAD_SHAPES.values():
-                head = random_calm_model(3, **shape).generative_head.to(dtype)
+                head = ModelWeights.of(random_calm_model(3, **shape).to(dtype)).head
                 for rows, samples in cases.HEAD_ROWS_SAMPLES:
-                    hidden = torch.randn(rows, head.hidden_embd.in_features, dtype=dtype)
+                    hidden = torch.randn(rows, head.hidden_embed.in_features, dtype=dtype)
                     seeds = torch.arange(rows)
                     energy_head.energy_head(head, hidden, seeds, seeds, samples)
 
         def autoencoders(dtype=dtype):
             for shared in cases.AE_MODELS.values():
                 model = random_calm_model(4, **shared).to(dtype)
-                config = model.autoencoder.config
+                config, weights = model.autoencoder.config, ModelWeights.of(model)
+                encoder = encoder_weights(model.autoencoder)
                 for rows in cases.AE_ROWS:
                     ids = torch.randint(0, config.vocab_size, (rows, config.patch_size))
-                    ae_encode.ae_encode(model.autoencoder.encoder, ids)
-                    ae_encode.compress(model.embed_proj, model.backbone.embed_tokens.weight, ids)
+                    ae_encode.ae_encode(encoder, ids)
+                    ae_encode.compress(weights.compression, weights.backbone.embed, ids)
                     latents = torch.randn(rows, config.latent_size, dtype=dtype)
-                    ae_decode.decode_argmax(model.autoencoder.decoder, latents)
+                    ae_decode.decode_argmax(weights.decoder, latents)
             for rows, vocab, dim in cases.ARGMAX_SIZES:
                 for splits in cases.ARGMAX_SPLITS:
                     h, table = torch.randn(rows, dim, dtype=dtype), torch.randn(vocab, dim, dtype=dtype)
@@ -327,26 +338,27 @@ def plan_test_shapes(recorder: Recorder) -> None:
 def plan_calm_m(recorder: Recorder) -> None:
     """Each kernel at CALM-M shapes (benchmarks/kernel_cases.py's "calm-m" sizes), in each dtype."""
     import torch
+    from calm_engine.kernels import ae_decode, ae_encode, decode_attention, energy_head, philox, rms_norm, swiglu
 
     from benchmarks.shapes import KERNEL_SIZES
-    from kernels import ae_decode, ae_encode, decode_attention, energy_head, philox, rms_norm, swiglu
+    from calm_engine.engine.weights import ModelWeights, encoder_weights
 
     size = KERNEL_SIZES["calm-m"]
     for name, dtype in _torch_dtypes().items():
         model = _empty_calm_m(dtype)
-        config = model.config
+        config, weights, encoder = model.config, ModelWeights.of(model), encoder_weights(model.autoencoder)
 
-        def launch(model=model, config=config, dtype=dtype):
+        def launch(model=model, config=config, weights=weights, encoder=encoder, dtype=dtype):
             rows, samples = size["head_rows"], size["samples"]
             seeds = torch.arange(rows)
             hidden = torch.empty(rows, config.hidden_size, dtype=dtype)
-            energy_head.energy_head(model.generative_head, hidden, seeds, seeds, samples)
+            energy_head.energy_head(weights.head, hidden, seeds, seeds, samples)
             latents = torch.empty(size["decode_rows"], config.latent_size, dtype=dtype)
-            ae_decode.decode_argmax(model.autoencoder.decoder, latents)
+            ae_decode.decode_argmax(weights.decoder, latents)
             ids = torch.zeros(size["encode_rows"], config.patch_size, dtype=torch.long)
-            ae_encode.ae_encode(model.autoencoder.encoder, ids)
+            ae_encode.ae_encode(encoder, ids)
             ids = torch.zeros(size["batch"], config.patch_size, dtype=torch.long)
-            ae_encode.compress(model.embed_proj, model.backbone.embed_tokens.weight, ids)
+            ae_encode.compress(weights.compression, weights.backbone.embed, ids)
             batch, heads, dim = size["batch"], config.num_attention_heads, config.head_dim
             q = torch.empty(batch, heads, dim, dtype=dtype)
             cache = torch.empty(batch, config.num_key_value_heads, size["context"], dim, dtype=dtype)
@@ -378,17 +390,18 @@ def plan_engine(recorder: Recorder) -> None:
 
 def _plan_engine_dtype(recorder: Recorder, name: str, dtype) -> None:
     import torch
+    from calm_engine.kernels.philox import uniform_noise
 
-    from calm_engine.engine.cuda_graph import DecodeGraphRunner, EagerCapture, default_buckets
     from calm_engine.engine.kv_cache import SlotKVCache
-    from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner, SamplingBatch
-    from kernels.philox import uniform_noise
+    from calm_engine.engine.noise import CHOICE_UNIFORMS, counter
+    from calm_engine.engine.sampler import SamplingBatch
+    from calm_engine.engine.step.graph_step import EagerCapture, GraphStep, default_buckets
+    from tests.engine.steps import torch_step
 
     model = _empty_calm_m(dtype)
     config = model.config
     cache = SlotKVCache(config, ENGINE_BATCH, config.max_chunks, model.device, dtype)
-    runner = ModelRunner(model, cache, use_kernels=True)
-    graphs = DecodeGraphRunner(runner, default_buckets(ENGINE_BATCH), EagerCapture())
+    graphs = GraphStep(torch_step(model, cache, use_kernels=True), default_buckets(ENGINE_BATCH), EagerCapture())
 
     def step(rows: int, samples: int, inv_floor: int, pools: int) -> None:
         batch = SamplingBatch(
@@ -400,9 +413,9 @@ def _plan_engine_dtype(recorder: Recorder, name: str, dtype) -> None:
         ids = torch.zeros(rows, config.patch_size, dtype=torch.long)
         graphs.run(ids, positions, torch.arange(rows), batch)
         if samples > 1:
-            # On CUDA the choice uniforms come from the noise kernel (model_runner.philox_noise); on host tensors
-            # that function takes its CPU branch, so the same call is made here directly.
-            uniform_noise(batch.seeds, batch.steps * COUNTERS_PER_STEP + 1, samples, 1)
+            # On CUDA the choice uniforms come from the noise kernel (noise.philox_noise); on host tensors that
+            # function takes its CPU branch, so the same call is made here directly.
+            uniform_noise(batch.seeds, counter(batch.steps, stream=CHOICE_UNIFORMS), samples, 1)
 
     for bucket in graphs.buckets:
         rows = max(1, bucket - 1)  # a padding row in every bucket above 1
@@ -419,13 +432,12 @@ def kernels_defined() -> set[str]:
     import importlib
     import pkgutil
 
+    import calm_engine.kernels as kernels
     from triton.runtime.jit import JITFunction
-
-    import kernels
 
     found = set()
     for module_info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{module_info.name}")
+        module = importlib.import_module(f"calm_engine.kernels.{module_info.name}")
         for name, value in vars(module).items():
             if isinstance(value, JITFunction) and name.endswith("_kernel") and value.fn.__module__ == module.__name__:
                 found.add(f"{module.__name__}.{name}")

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.shapes import cached_checkpoint  # noqa: E402
 from calm_engine import LLM  # noqa: E402
-from calm_engine.engine.cpu_step import ISA_LEVELS, CpuDecodeStep, supported_isas  # noqa: E402
+from calm_engine.engine.step.native_step import ISA_LEVELS, NativeStep, supported_isas  # noqa: E402
 
 
 def sides(compare: str, levels: list[str]) -> list[tuple[str, dict]]:
-    """(name, CpuDecodeStep options) of the two sides of a comparison, the one expected faster first."""
+    """(name, NativeStep options) of the two sides of a comparison, the one expected faster first."""
     first = levels[0]
     if compare == "screen":
         return [
@@ -54,9 +54,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     llm = LLM(str(cached_checkpoint(args.shape)), max_batch_size=max(args.batch), max_model_len=4 * (args.position + 8))
-    runner, config = llm.engine.runner, llm.model.config
+    eager, config = llm.engine.backends.torch, llm.model.config
     (fast, fast_options), (plain, plain_options) = sides(args.compare, args.isa)
-    steps = {fast: CpuDecodeStep(runner, **fast_options), plain: CpuDecodeStep(runner, **plain_options)}
+    steps = {
+        name: NativeStep(eager.weights, eager.cache, eager.rope, eager.noise, **options)
+        for name, options in ((fast, fast_options), (plain, plain_options))
+    }
     screens = ", ".join(f"{name}: screen {step.screen_vocab}" for name, step in steps.items())
     print(f"shape {args.shape}, 2 threads, {args.rounds} alternations of {args.calls} steps each; {screens}")
     print(f"| batch | {fast} ms/step | {plain} ms/step | {plain} / {fast} | same ids |")

@@ -13,7 +13,7 @@ the run goes on):
 - attention: decode attention with GQA, ragged lengths, padding rows (slot -1, length 0) and a 2,048-chunk cache at
   batch 1 (the split path), each dtype against its reference.
 - engine: a CALM-M model (bf16, 16 layers): CUDA-graph replay vs the eager step vs the plain PyTorch path
-  (use_kernels=False) at T = 1 and T = 0.5 with both samplers, three rows in a bucket of four (one padding row);
+  (TorchOps) at T = 1 and T = 0.5 with both samplers, three rows in a bucket of four (one padding row);
   ids equal between graph and eager, hidden states within tolerance of PyTorch, and on a float32 model ids equal
   to PyTorch's too.
 - timings (after the background checks, alone on the GPU): measured ceilings (copy bandwidth, matmul peak per
@@ -231,7 +231,7 @@ ATTENTION_CASES = {  # batch, heads, kv heads, head dim, slots, capacity, length
 
 
 def attention_check(ctx: Context) -> Iterator[Row]:
-    from kernels.decode_attention import decode_attention, decode_attention_ref, split_plan
+    from calm_engine.kernels.decode_attention import decode_attention, decode_attention_ref, split_plan
 
     generator = torch.Generator().manual_seed(18)
     for name, (batch, heads, kv_heads, dim, slots, capacity, lengths) in ATTENTION_CASES.items():
@@ -269,7 +269,7 @@ ENGINE_MODES = {  # label -> (samples per row, n = floor(1/T), exact-sampler poo
 
 
 def _sampling(rows: int, samples: int, inv_floor: int, pools: int, device):
-    from calm_engine.engine.model_runner import SamplingBatch
+    from calm_engine.engine.sampler import SamplingBatch
 
     return SamplingBatch(
         seeds=torch.arange(rows, device=device) * 7919 + 11, steps=torch.arange(rows, device=device) % 3,
@@ -302,10 +302,11 @@ def _engine_model(ctx: Context, shape: str, dtype: torch.dtype, slots: int, capa
     return model, cache
 
 
-def _padded(ids, positions, slots, batch, scratch_slot: int):
-    """The step's inputs with one padding row appended as DecodeGraphRunner neutralises it: a zero chunk at position
-    0 into the scratch slot, one sample, T = 1, no exact pools."""
-    from calm_engine.engine.model_runner import SamplingBatch
+def _padded(ids, positions, slots, batch):
+    """The step's inputs with one padding row appended as GraphStep neutralises it: a zero chunk at position 0 in
+    slot PADDING_SLOT, one sample, T = 1, no exact pools."""
+    from calm_engine.engine.kv_cache import PADDING_SLOT
+    from calm_engine.engine.sampler import SamplingBatch
 
     def pad(t, value):
         return torch.cat((t, torch.full((1, *t.shape[1:]), value, dtype=t.dtype, device=t.device)))
@@ -317,42 +318,42 @@ def _padded(ids, positions, slots, batch, scratch_slot: int):
         inv_floor=pad(batch.inv_floor, 1), inv_frac=pad(batch.inv_frac, 0.0), pools=pad(batch.pools, 0),
         max_pools=batch.max_pools,
     )  # fmt: skip
-    return pad(ids, 0), pad(positions, 0), pad(slots, scratch_slot), sampling
+    return pad(ids, 0), pad(positions, 0), pad(slots, PADDING_SLOT), sampling
 
 
 def engine_check(ctx: Context) -> Iterator[Row]:
     """Three rows (slots 0-2) in a bucket of four at ragged positions, every sampling mode."""
-    from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner, EagerCapture
-    from calm_engine.engine.model_runner import ModelRunner
+    from calm_engine.engine.step.graph_step import CudaGraphCapture, EagerCapture, GraphStep
+    from tests.engine.steps import torch_step
 
     cases = [("calm_m", torch.bfloat16, "bf16")] if not ctx.dry_run else [("small", torch.float32, "fp32")]
     cases += [("small", torch.float32, "fp32")] if not ctx.dry_run else []
     for shape, dtype, dtype_name in cases:
         model, make_cache = _engine_model(ctx, shape, dtype, slots=8, capacity=64 if ctx.dry_run else None)
         config = model.config
-        fast = ModelRunner(model, make_cache(), use_kernels=not ctx.dry_run)
-        plain = ModelRunner(model, make_cache(), use_kernels=False)
-        graphs = DecodeGraphRunner(fast, [1, 2, 4, 8], EagerCapture() if ctx.dry_run else CudaGraphCapture())
+        fast = torch_step(model, make_cache(), use_kernels=not ctx.dry_run)
+        plain = torch_step(model, make_cache(), use_kernels=False)
+        graphs = GraphStep(fast, [1, 2, 4, 8], EagerCapture() if ctx.dry_run else CudaGraphCapture())
         ids = torch.randint(0, config.vocab_size, (3, config.patch_size), device=ctx.device)
         capacity = fast.cache.capacity
         positions = torch.tensor([0, capacity // 3, capacity - 1], device=ctx.device)
         slots = torch.tensor([2, 0, 1], device=ctx.device)
-        hidden_fast = fast.decode(ids, positions, slots, capacity)
-        hidden_plain = plain.decode(ids, positions, slots, capacity)
+        hidden_fast = fast.decode_hidden(ids, positions, slots, capacity)
+        hidden_plain = plain.decode_hidden(ids, positions, slots, capacity)
         error = rel_error(hidden_fast.float(), hidden_plain.float())
         what = "kernels vs PyTorch" if not ctx.dry_run else "PyTorch vs PyTorch (dry run)"
         yield Row("engine", f"{shape} decode hidden, {what}", dtype_name, target=f"rel error <= {TOLERANCE[dtype]:.0e}",
                   passed=error <= TOLERANCE[dtype], note=f"rel error {error:.1e}")  # fmt: skip
         for mode, (samples, inv_floor, pools) in ENGINE_MODES.items():
             batch = _sampling(3, samples, inv_floor, pools, ctx.device)
-            replayed = graphs.run(ids, positions, slots, batch)[0].clone()
-            # The eager step on the bucket's four rows, the fourth a padding row as the graph runner makes it: the
+            replayed = graphs.run(ids, positions, slots, batch).chunks.clone()
+            # The eager step on the bucket's four rows, the fourth a padding row as the graph step makes it: the
             # same launches at the same shapes, so the same ids bit for bit. (Three rows alone may round the
             # backbone's cuBLAS products differently: that comparison is reported, not required.)
-            padded = _padded(ids, positions, slots, batch, fast.cache.scratch_slot)
-            eager = fast.sample_patches(fast.decode(*padded[:3], capacity), padded[3])[0][:3]
-            unpadded = fast.sample_patches(fast.decode(ids, positions, slots, capacity), batch)[0]
-            reference = plain.sample_patches(plain.decode(ids, positions, slots, capacity), batch)[0]
+            padded = _padded(ids, positions, slots, batch)
+            eager = fast.sample(fast.decode_hidden(*padded[:3], capacity), padded[3]).chunks[:3]
+            unpadded = fast.sample(fast.decode_hidden(ids, positions, slots, capacity), batch).chunks
+            reference = plain.sample(plain.decode_hidden(ids, positions, slots, capacity), batch).chunks
             same = float((unpadded == reference).float().mean())
             graph_ok = torch.equal(replayed, eager)
             # bf16 kernels round differently from PyTorch, so a near-tie in the 128k-way argmax may flip a token;
@@ -433,18 +434,18 @@ def step_weight_bytes(model) -> int:
 
 def steps_check(ctx: Context) -> Iterator[Row]:
     """The CALM-M bf16 decode step through its CUDA graph at every default bucket (T = 1)."""
-    from calm_engine.engine.cuda_graph import CudaGraphCapture, DecodeGraphRunner, EagerCapture, default_buckets
-    from calm_engine.engine.model_runner import ModelRunner
+    from calm_engine.engine.step.graph_step import CudaGraphCapture, EagerCapture, GraphStep, default_buckets
+    from tests.engine.steps import torch_step
 
     shape, dtype = ("small", torch.float32) if ctx.dry_run else ("calm_m", torch.bfloat16)
     model, make_cache = _engine_model(ctx, shape, dtype, slots=64, capacity=64 if ctx.dry_run else None)
-    runner = ModelRunner(model, make_cache(), use_kernels=not ctx.dry_run)
-    graphs = DecodeGraphRunner(runner, default_buckets(64), EagerCapture() if ctx.dry_run else CudaGraphCapture())
+    step = torch_step(model, make_cache(), use_kernels=not ctx.dry_run)
+    graphs = GraphStep(step, default_buckets(64), EagerCapture() if ctx.dry_run else CudaGraphCapture())
     weights = step_weight_bytes(model)
     config = model.config
     for bucket in graphs.buckets:
         ids = torch.randint(0, config.vocab_size, (bucket, config.patch_size), device=ctx.device)
-        positions = torch.randint(0, runner.cache.capacity, (bucket,), device=ctx.device)
+        positions = torch.randint(0, step.cache.capacity, (bucket,), device=ctx.device)
         slots = torch.arange(bucket, device=ctx.device)
         batch = _sampling(bucket, 1, 1, 0, ctx.device)
         graphs.run(ids, positions, slots, batch)  # captures this bucket's graph
@@ -458,8 +459,8 @@ def steps_check(ctx: Context) -> Iterator[Row]:
             row.floor = weights / ctx.bandwidth
             row.target = f"<= {STEP_FLOOR_FACTOR:.0f}x the HBM floor of {weights / 1e6:.0f} MB of weights"
             row.passed = seconds <= STEP_FLOOR_FACTOR * row.floor
-            capacity = runner.cache.capacity
-            eager = bench(ctx, lambda: runner.sample_patches(runner.decode(ids, positions, slots, capacity), batch))  # noqa: B023
+            capacity = step.cache.capacity
+            eager = bench(ctx, lambda: step.sample(step.decode_hidden(ids, positions, slots, capacity), batch))  # noqa: B023
             row.note += f"; eager {eager * 1e6:.0f} us"
         yield row
 

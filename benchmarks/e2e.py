@@ -26,19 +26,22 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calm_engine.kernels import ae_decode  # noqa: E402
+
 from benchmarks.official import official_unavailable_reason, run_official  # noqa: E402
 from benchmarks.shapes import cached_checkpoint  # noqa: E402
 from calm_engine import LLM, SamplingParams  # noqa: E402
-from calm_engine.engine import model_runner  # noqa: E402
-from calm_engine.engine.cpu_step import ISA_LEVELS  # noqa: E402
-from calm_engine.engine.llm_engine import CPU_STEP_MAX_BATCH  # noqa: E402
-from calm_engine.engine.model_runner import ModelRunner  # noqa: E402
+from calm_engine.engine.config import STEP_BACKENDS  # noqa: E402
+from calm_engine.engine.llm_engine import LLMEngine  # noqa: E402
+from calm_engine.engine.step.interface import Phase  # noqa: E402
+from calm_engine.engine.step.native_step import ISA_LEVELS  # noqa: E402
 from calm_engine.engine.weights import ModelWeights  # noqa: E402
 
 
@@ -96,10 +99,9 @@ def step_matmuls(weights: ModelWeights, batch: int, samples: int) -> list[tuple[
     return work
 
 
-def floor_products(runner: ModelRunner, batch: int, samples: int, screened: bool = False):
+def floor_products(weights: ModelWeights, batch: int, samples: int, screened: bool = False):
     """A function running the step's matrix products alone (inputs made beforehand); `screened`: the vocabulary
     projection in bfloat16, as the C++ step's screen computes it."""
-    weights = runner.weights
     work = [(torch.randn(shape, dtype=weight.dtype), weight) for shape, weight in step_matmuls(weights, batch, samples)]
     projection = weights.decoder.projection
     if screened:
@@ -108,12 +110,12 @@ def floor_products(runner: ModelRunner, batch: int, samples: int, screened: bool
 
     def run():
         for x, weight in work:
-            if weight is not projection or x.shape[0] * weight.shape[0] <= model_runner.LOGITS_PER_CHUNK:
+            if weight is not projection or x.shape[0] * weight.shape[0] <= ae_decode.MAX_BLOCK_LOGITS:
                 F.linear(x, weight)
                 continue
-            # the vocabulary projection in the engine's blocks (model_runner.project_argmax), without the argmax
-            row_block = min(x.shape[0], model_runner.ROW_BLOCK)
-            vocab_block = max(1, model_runner.LOGITS_PER_CHUNK // row_block)
+            # the vocabulary projection in the engine's blocks (ae_decode.project_argmax_ref), without the argmax
+            row_block = min(x.shape[0], ae_decode.ROW_BLOCK)
+            vocab_block = max(1, ae_decode.MAX_BLOCK_LOGITS // row_block)
             for part in x.split(row_block):
                 for start in range(0, weight.shape[0], vocab_block):
                     F.linear(part, weight[start : start + vocab_block])
@@ -131,13 +133,8 @@ def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: Sampling
     for i, prompt in enumerate(prompts):
         engine.add_request(f"floor-{i}", prompt, params)
     engine.step()  # prefill + first chunk
-    screened = (
-        engine.cpu_step is not None
-        and engine.cpu_step.screen_vocab
-        and batch <= CPU_STEP_MAX_BATCH
-        and params.samples_per_step == 1
-    )
-    floor = floor_products(engine.runner, batch, params.samples_per_step, screened)
+    screened = decode_backend(engine, batch, params) == "native" and engine.backends.native.screen_vocab
+    floor = floor_products(engine.weights, batch, params.samples_per_step, screened)
     floor()
     steps, floors = [], []
     for _ in range(rounds):
@@ -150,6 +147,12 @@ def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: Sampling
     for i in range(batch):
         engine.abort(f"floor-{i}")
     return statistics.median(steps), statistics.median(floors)
+
+
+def decode_backend(engine: LLMEngine, batch: int, params: SamplingParams) -> str:
+    """The backend the engine's policy picks for a decode step of `batch` requests sampled with `params` (the policy
+    reads the rows' count and parameters only)."""
+    return engine.backend_for(Phase.DECODE, [SimpleNamespace(params=params, prompt_chunks=1)] * batch).name
 
 
 def main() -> None:
@@ -165,6 +168,9 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also time the step's matrix products alone")
     parser.add_argument("--no-official", action="store_true")
     parser.add_argument("--no-cpu-step", action="store_true", help="the PyTorch path instead of the C++ T = 1 step")
+    parser.add_argument(
+        "--step-backend", choices=STEP_BACKENDS, default="auto", help="force a backend (EngineConfig.step_backend)"
+    )
     parser.add_argument(
         "--cpu-isa",
         choices=ISA_LEVELS,
@@ -182,17 +188,16 @@ def main() -> None:
         max_model_len=max_len,
         use_cpu_step=not args.no_cpu_step,
         cpu_isa=args.cpu_isa,
+        step_backend=args.step_backend,
     )
     token_llm = None
     if args.token_shape:
         token_llm = LLM(str(cached_checkpoint(args.token_shape)), max_batch_size=max(args.batch), max_model_len=max_len)
     reason = "disabled" if args.no_official else official_unavailable_reason()
-    step = llm.engine.cpu_step
-    path = "PyTorch path" if step is None else f"C++ step at {step.isa}, screen {step.screen_vocab}"
     mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "unrestricted")
     print(
-        f"# shape {args.shape}, {args.threads} threads, torch {torch.__version__}, {path}, MKL instructions {mkl}; "
-        f"official: {reason or 'yes'}"
+        f"# shape {args.shape}, {args.threads} threads, torch {torch.__version__}, MKL instructions {mkl}; "
+        f"official: {reason or 'yes'}\n# {llm.engine.describe()}"
     )
     rows = []
     for prompt_len in args.prompt_len:
@@ -202,6 +207,7 @@ def main() -> None:
             )
             for batch in args.batch:
                 row = {"batch": batch, "prompt_len": prompt_len, "temperature": temperature}
+                row["decode_backend"] = decode_backend(llm.engine, batch, params)
                 first = time_engine(llm, batch, prompt_len, args.new_tokens, params, args.repeats)
                 if reason is None:
                     official = run_official(

@@ -18,8 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ has no package: make `kernels` and `tests` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from calm_engine.kernels import ae_decode, ae_encode, decode_attention, energy_head, philox, rms_norm, swiglu  # noqa: E402
+
 from benchmarks.shapes import KERNEL_SIZES  # noqa: E402
-from kernels import ae_decode, ae_encode, decode_attention, energy_head, philox, rms_norm, swiglu  # noqa: E402
+from calm_engine.engine.weights import ModelWeights, encoder_weights  # noqa: E402
 from tests.conftest import max_rel_error  # noqa: E402
 from tests.model_factory import random_calm_model  # noqa: E402
 
@@ -86,7 +88,8 @@ def noise_case(device, dtype, size):
 
 
 def energy_head_case(device, dtype, size):
-    head = calm_m_model(device, dtype).generative_head
+    model = calm_m_model(device, dtype)
+    head = ModelWeights.of(model).head  # the kernels read the weights' description
     rows, samples = KERNEL_SIZES[size]["head_rows"], KERNEL_SIZES[size]["samples"]
     hidden = torch.randn(rows, 1024, device=device, dtype=dtype)
     seeds, steps = torch.arange(rows, device=device) + 5, torch.zeros(rows, device=device, dtype=torch.int64)
@@ -94,7 +97,9 @@ def energy_head_case(device, dtype, size):
     per_sample = 64 * 1024 + 4 * 5 * 1024 * 1024 + 1024 * 1024 + 1024 * 128  # MACs: noise embd, blocks, final
     per_row = 1024 * 1024 * 5  # hidden_embd + the condition half of 4 first linears
     element = hidden.element_size()
-    traffic = _params(head) * element + rows * samples * 1024 * element * 2 * 4 * 4  # weights + activations in/out
+    traffic = (
+        _params(model.generative_head) * element + rows * samples * 1024 * element * 2 * 4 * 4
+    )  # weights + activations in/out
 
     def check():
         return _close("latents", energy_head.energy_head(head, hidden, seeds, steps, samples),
@@ -109,7 +114,8 @@ def energy_head_case(device, dtype, size):
 
 
 def decode_argmax_case(device, dtype, size):
-    decoder = calm_m_model(device, dtype).autoencoder.decoder
+    model = calm_m_model(device, dtype)
+    module, decoder = model.autoencoder.decoder, ModelWeights.of(model).decoder
     rows = KERNEL_SIZES[size]["decode_rows"]
     latents = torch.randn(rows, 128, device=device, dtype=dtype)
     mlp_macs = rows * (128 * 512 + 3 * 512 * 1280 + 512 * 2048 + 4 * 3 * 512 * 1280)
@@ -117,7 +123,7 @@ def decode_argmax_case(device, dtype, size):
 
     def check():
         ids, best = ae_decode.decode_argmax(decoder, latents)
-        logits = decoder(latents[:, None]).float()
+        logits = module(latents[:, None]).float()
         chosen = logits.gather(-1, ids[..., None])[..., 0]
         gap = float((logits.amax(-1) - chosen).max() / logits.abs().amax())
         if gap > TOLERANCE[dtype]:
@@ -128,17 +134,18 @@ def decode_argmax_case(device, dtype, size):
         "decode_argmax", f"M={rows} V=128256",
         lambda: ae_decode.decode_argmax(decoder, latents),
         lambda: ae_decode.decode_argmax_ref(decoder, latents),
-        check, _params(decoder) * latents.element_size(), flops,
+        check, _params(module) * latents.element_size(), flops,
     )  # fmt: skip
 
 
 def ae_encode_case(device, dtype, size):
-    encoder = calm_m_model(device, dtype).autoencoder.encoder
+    autoencoder = calm_m_model(device, dtype).autoencoder
+    encoder = encoder_weights(autoencoder)
     rows = KERNEL_SIZES[size]["encode_rows"]
     ids = torch.randint(0, 128256, (rows, 4), device=device)
     macs = rows * (4 * 3 * 512 * 1280 + 2048 * 512 + 3 * 512 * 1280 + 512 * 256)
     element = torch.finfo(dtype).bits // 8
-    traffic = (_params(encoder) - 128256 * 512 + rows * 4 * 512) * element
+    traffic = (_params(autoencoder.encoder) - 128256 * 512 + rows * 4 * 512) * element
 
     def check():
         mean, log_std = ae_encode.ae_encode(encoder, ids)
@@ -159,13 +166,15 @@ def compress_case(device, dtype, size):
     element = table.element_size()
     traffic = (_params(model.embed_proj) + rows * 4 * 1024) * element
 
+    compression = ModelWeights.of(model).compression
+
     def check():
-        return _close("compressed", ae_encode.compress(model.embed_proj, table, ids),
-                      ae_encode.compress_ref(model.embed_proj, table, ids), dtype)  # fmt: skip
+        return _close("compressed", ae_encode.compress(compression, table, ids),
+                      ae_encode.compress_ref(compression, table, ids), dtype)  # fmt: skip
 
     return Case(
-        "compress", f"M={rows}", lambda: ae_encode.compress(model.embed_proj, table, ids),
-        lambda: ae_encode.compress_ref(model.embed_proj, table, ids), check, traffic,
+        "compress", f"M={rows}", lambda: ae_encode.compress(compression, table, ids),
+        lambda: ae_encode.compress_ref(compression, table, ids), check, traffic,
         2 * rows * (4096 * 2048 + 2048 * 1024),
     )  # fmt: skip
 

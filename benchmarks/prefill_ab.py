@@ -2,8 +2,9 @@
 
     python benchmarks/prefill_ab.py [--shape small] [--batch 1 8] [--prompt-len 32 512] [--repeats 7]
 
-This measured the threshold `llm_engine.CPU_PREFILL_MAX_CHUNKS` (benchmarks/RESULTS.md): the script lifts or zeroes
-it to force either path; decode steps are not timed.
+This measured the policy's limit EngineConfig.cpu_prefill_max_chunks (config.py, benchmarks/RESULTS.md): two engines
+on the one loaded model, one forced to each path (EngineConfig.step_backend "native" and "torch"); decode steps are
+not timed.
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.e2e import random_prompts  # noqa: E402
 from benchmarks.shapes import cached_checkpoint  # noqa: E402
-from calm_engine import LLM, SamplingParams  # noqa: E402
-from calm_engine.engine import llm_engine  # noqa: E402
+from calm_engine import LLM, SamplingParams, load  # noqa: E402
 
-PATH_LIMITS = {"C++": 1 << 30, "PyTorch": 0}  # CPU_PREFILL_MAX_CHUNKS forcing each path
+PATHS = {"C++": "native", "PyTorch": "torch"}  # EngineConfig.step_backend forcing each path
 
 
-def first_step_seconds(llm: LLM, prompts: list[list[int]], path: str, tag: str) -> float:
+def first_step_seconds(llm: LLM, prompts: list[list[int]], tag: str) -> float:
     engine = llm.engine
-    llm_engine.CPU_PREFILL_MAX_CHUNKS = PATH_LIMITS[path]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, SamplingParams(max_tokens=64))
     # The PyTorch path leaves torch's OpenMP thread spinning for milliseconds on the core the C++ step's second
@@ -51,28 +50,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    llm = LLM(cached_checkpoint(args.shape), max_batch_size=max(args.batch))
-    if llm.engine.cpu_step is None:
-        raise SystemExit("the C++ step is not available here (csrc/ not built, or not a float32 CPU model)")
-    config = llm.model.config
-    avoid = {config.pad_token_id, *config.eos_token_ids} - {None}
-    default_limit = llm_engine.CPU_PREFILL_MAX_CHUNKS
+    model = load(cached_checkpoint(args.shape))
     try:
-        for batch in args.batch:
-            for prompt_len in args.prompt_len:
-                prompts = random_prompts(config.vocab_size, batch, prompt_len, 0, avoid)
-                times = {path: [] for path in PATH_LIMITS}
-                for repeat in range(args.repeats):
-                    for path in PATH_LIMITS:
-                        times[path].append(first_step_seconds(llm, prompts, path, f"{path}{repeat}"))
-                cpp, eager = (statistics.median(times[path]) for path in PATH_LIMITS)
-                print(
-                    f"batch {batch} x prompt {prompt_len}: first step C++ {1e3 * cpp:.2f} ms, "
-                    f"PyTorch {1e3 * eager:.2f} ms, PyTorch / C++ {eager / cpp:.2f}x",
-                    flush=True,
-                )
-    finally:
-        llm_engine.CPU_PREFILL_MAX_CHUNKS = default_limit
+        llms = {
+            path: LLM(model, max_batch_size=max(args.batch), step_backend=backend) for path, backend in PATHS.items()
+        }
+    except ValueError as error:
+        raise SystemExit(f"the C++ step is not available here: {error}") from None
+    config = model.config
+    avoid = {config.pad_token_id, *config.eos_token_ids} - {None}
+    for batch in args.batch:
+        for prompt_len in args.prompt_len:
+            prompts = random_prompts(config.vocab_size, batch, prompt_len, 0, avoid)
+            times = {path: [] for path in PATHS}
+            for repeat in range(args.repeats):
+                for path, llm in llms.items():
+                    times[path].append(first_step_seconds(llm, prompts, f"{path}{repeat}"))
+            cpp, eager = (statistics.median(times[path]) for path in PATHS)
+            print(
+                f"batch {batch} x prompt {prompt_len}: first step C++ {1e3 * cpp:.2f} ms, "
+                f"PyTorch {1e3 * eager:.2f} ms, PyTorch / C++ {eager / cpp:.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calm_engine import native
 from calm_engine.engine import sampler
 
 ROWS, SAMPLES, K = 8, 200, 4
@@ -24,7 +25,7 @@ def pool(seed: int = 0):
 
 @pytest.mark.parametrize("implementation", ["csrc", "tensor_ops"])
 def test_exact_choice(benchmark, implementation):
-    if implementation == "csrc" and sampler._calm_cpu is None:
+    if implementation == "csrc" and native.calm_cpu is None:
         pytest.skip("calm_engine._calm_cpu is not built")
     torch.set_num_threads(2)
     run = sampler.exact_choice if implementation == "csrc" else sampler.exact_choice_ref

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from calm_engine.engine.model_runner import project_argmax
+from calm_engine.kernels.ae_decode import project_argmax_ref
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.checkpoint import default_model_path, load
 from calm_engine.model.llama import KVCache, LlamaBackbone, apply_rotary, rotary_cos_sin
@@ -201,11 +201,11 @@ def _uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None, de
 
 def _sample_chunks(model: CalmModel, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Two head samples per position, decoded by argmax: hidden [B, P, h], noise [2, B, P, noise] -> [2, B, P, K].
-    The vocabulary projection runs in blocks (project_argmax): the logits of a block would not fit in memory."""
+    The vocabulary projection runs in blocks (project_argmax_ref): the logits of a block would not fit in memory."""
     latents = model.sample_latent(hidden.expand(2, *hidden.shape), noise)
     decoder = model.autoencoder.decoder
     states = decoder.hidden(latents.reshape(-1, 1, latents.shape[-1]))
-    ids = project_argmax(states.reshape(-1, states.shape[-1]), decoder.lm_head_weight)
+    ids, _ = project_argmax_ref(states.reshape(-1, states.shape[-1]), decoder.lm_head_weight)
     return ids.view(*noise.shape[:3], model.config.patch_size)
 
 

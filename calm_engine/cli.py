@@ -21,16 +21,10 @@ import calm_engine
 from calm_engine.brierlm import add_brierlm_arguments, run_brierlm
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
-from calm_engine.model.checkpoint import (
-    CheckpointError,
-    is_autoencoder_checkpoint,
-    load,
-    load_autoencoder,
-    read_weights,
-    resolve_device,
-)
+from calm_engine.model.checkpoint import is_autoencoder_checkpoint, load, load_autoencoder
 from calm_engine.model.config import ConfigError
 from calm_engine.model.token_llama import TokenLlama
+from calm_engine.model.weight_files import CheckpointError, read_weights, resolve_device
 from calm_engine.sampling_params import SamplingParams
 from calm_engine.tokenizer import TokenizerError
 

@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from calm_engine.engine.noise import MAX_POOLS
+
 SAMPLERS = ("approximate", "exact")
 
 
@@ -17,7 +19,8 @@ class SamplingParams:
     temperature: in (0, 1]; default 1, the model's own distribution (one head sample per step, the fast path;
         `calm generate` defaults to 0.5 for sharper text to read). Below 1 a pool of `num_samples` head samples per step
         feeds the likelihood-free sampler: "approximate" (the paper's Algorithm 2, what the official code does, here
-        extended to any T in (0, 1]) or "exact" (Algorithm 1, with a bounded number of pools; see engine/sampler.py).
+        extended to any T in (0, 1]) or "exact" (Algorithm 1, with at most exact_max_pools pools per step, at most
+        engine/noise.py's MAX_POOLS = 32; see engine/sampler.py).
     max_tokens: generated tokens at most; the last chunk is truncated to it.
     seed: makes the request's output reproducible whatever else runs in the batch; None draws a fresh seed.
     stop: a string or a list of strings that end the request; the text is cut before the first one (needs a
@@ -52,6 +55,8 @@ class SamplingParams:
             object.__setattr__(self, "seed", _integer("seed", self.seed, 0))
             if self.seed >= 2**63:
                 raise ValueError(f"seed must be below 2**63, got {self.seed}")
+        if self.exact_max_pools > MAX_POOLS:
+            raise ValueError(f"exact_max_pools must be at most {MAX_POOLS}, got {self.exact_max_pools}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}")
         if self.temperature < 1 and self.sampler == "approximate" and self.num_samples < self.inverse_floor:

@@ -7,12 +7,25 @@ share of the vocabulary, and a small second kernel reduces the shares.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from calm_engine.model.autoencoder import Decoder
-from kernels.fused_linear import fused_linear
-from kernels.rms_norm import rms_norm
-from kernels.utils import check_float, check_launch, check_tile, dot_depth, dot_precision, jit, next_pow2, tl
+from . import reference
+from .fused_linear import fused_linear, residual_gated_mlp
+from .rms_norm import rms_norm
+from .utils import (
+    check_fields,
+    check_float,
+    check_launch,
+    check_silu,
+    check_tile,
+    dot_depth,
+    dot_precision,
+    jit,
+    next_pow2,
+    tl,
+)
 
+DECODER_FIELDS = ("latent_to_hidden", "layers", "expand", "norm", "projection")
 BLOCK_V = 128
 TARGET_PROGRAMS = 4 * 132  # about four programs per SM of an H100/H200: enough to hide the tile loop's latency
 REDUCE_BLOCK_M = 32
@@ -84,7 +97,8 @@ def _argmax_reduce_kernel(
 def project_argmax(
     h: torch.Tensor, embedding: torch.Tensor, splits: int | None = None, block_m: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [M, D] (already normed), embedding [V, D] -> (argmax ids int64 [M], max logit float32 [M]) of h @ E^T."""
+    """h [M, D] (already normed), embedding [V, D] -> (argmax ids int64 [M], max logit float32 [M]) of h @ E^T, the
+    first index on ties; the logits are never written (a running max over vocabulary tiles, then over splits)."""
     m, d = h.shape
     v = embedding.shape[0]
     # fp32 runs IEEE dots on FMA units, whose operands live in registers: 64-row x 128-column tiles spilled 24 B
@@ -121,35 +135,60 @@ def project_argmax(
     return ids, val
 
 
-def _check(decoder: Decoder, latents: torch.Tensor) -> None:
-    if not isinstance(decoder, Decoder):
-        raise ValueError(f"decode_argmax: decoder must be a Decoder, got {type(decoder).__name__}")
-    size = decoder.config.latent_size
+# The PyTorch projection holds at most this many logits at once (16 MB in float32), in blocks of ROW_BLOCK rows.
+MAX_BLOCK_LOGITS = 1 << 22
+ROW_BLOCK = 1024
+
+
+def project_argmax_ref(h: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`project_argmax` in plain torch, holding at most MAX_BLOCK_LOGITS logits at once: (ids int64 [M], max [M]).
+
+    Small products run whole. Large ones (a 200-sample pool: M = 800 rows per request) run in blocks of ROW_BLOCK
+    rows x a vocabulary slice, keeping a running maximum: blocking rows alone would re-read the whole [V, D] matrix
+    (263 MB at CALM-M) for every few rows. A later slice wins only when strictly larger, so ties keep the first index,
+    as torch.argmax does. The max is in h's dtype.
+    """
+    rows, vocab = h.shape[0], embedding.shape[0]
+    if rows * vocab <= MAX_BLOCK_LOGITS:
+        logits = F.linear(h, embedding)
+        ids = reference.first_argmax(logits)
+        return ids, logits.gather(-1, ids[:, None])[:, 0]
+    row_block = min(rows, ROW_BLOCK)
+    vocab_block = max(1, MAX_BLOCK_LOGITS // row_block)
+    ids, values = [], []
+    for part in h.split(row_block):
+        best_value = best_index = None
+        for start in range(0, vocab, vocab_block):
+            value, index = reference.max_first_argmax(F.linear(part, embedding[start : start + vocab_block]))
+            if best_value is None:
+                best_value, best_index = value, index
+            else:
+                better = value > best_value
+                best_value = torch.where(better, value, best_value)
+                best_index = torch.where(better, index + start, best_index)
+        ids.append(best_index)
+        values.append(best_value)
+    return torch.cat(ids), torch.cat(values)
+
+
+def _check(decoder, latents: torch.Tensor) -> None:
+    check_fields("decode_argmax", "decoder", decoder, "Decoder", DECODER_FIELDS)
+    size = decoder.latent_to_hidden.weight.shape[1]
     if latents.dim() != 2 or latents.shape[1] != size:
         raise ValueError(f"decode_argmax: latents must be [M, {size}], got {list(latents.shape)}")
-    check_float("decode_argmax", "latents", latents)
-    if latents.dtype != decoder.lm_head_weight.dtype:
-        raise ValueError(f"decode_argmax: latents are {latents.dtype}, the decoder {decoder.lm_head_weight.dtype}")
+    if latents.dtype != decoder.projection.dtype:
+        raise ValueError(f"decode_argmax: latents are {latents.dtype}, the decoder {decoder.projection.dtype}")
 
 
-def _ae_layer(layer, x: torch.Tensor) -> None:
-    """x += down(SiLU(gate(rms(x))) * up(rms(x))) in two launches: normed gate/up GEMM with SiLU, down + residual."""
-    mlp = layer.mlp
-    hidden = fused_linear(
-        x, mlp.gate_proj.weight, mlp.gate_proj.bias, up_weight=mlp.up_proj.weight, up_bias=mlp.up_proj.bias,
-        norm="rms", norm_weight=layer.layernorm.weight, eps=layer.layernorm.eps,
-    )  # fmt: skip
-    fused_linear(hidden, mlp.down_proj.weight, mlp.down_proj.bias, residual=x, out=x)
+def chunk_size(decoder) -> int:
+    """K: the decoder expands one latent's hidden vector into K token positions."""
+    return decoder.expand.weight.shape[0] // decoder.latent_to_hidden.weight.shape[0]
 
 
-def check_activation(config, name: str) -> None:
-    if config.hidden_act != "silu":
-        raise ValueError(f"{name}: the fused kernels implement hidden_act='silu' only, got {config.hidden_act!r}")
-
-
-def decode_argmax(decoder: Decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_argmax(decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """latents [M, latent] -> (ids int64 [M, K], max_logit float32 [M, K]): the greedy decode of each latent.
 
+    decoder: its weights as calm_engine.engine.weights.Decoder describes them.
     Launches: latent_to_hidden; 2 per AE layer (RMSNorm in the gate/up prologue, SwiGLU epilogue; down + residual);
     expand; the final RMSNorm; projection + running argmax over the tied embedding; the reduction over splits.
     Floors at CALM-M, M = 200 samples (M*K = 800 rows), bf16: the projection is 2 * 800 * 128256 * 512
@@ -158,22 +197,31 @@ def decode_argmax(decoder: Decoder, latents: torch.Tensor) -> tuple[torch.Tensor
     800 x 128256 x 2 B = 205 MB written and read back.
     """
     _check(decoder, latents)
-    check_activation(decoder.config, "decode_argmax")
-    patch = decoder.config.patch_size
+    check_float("decode_argmax", "latents", latents)
+    check_silu("decode_argmax", [layer.mlp for layer in decoder.layers])
+    k, stage = chunk_size(decoder), len(decoder.layers) // 2
     x = fused_linear(latents.contiguous(), decoder.latent_to_hidden.weight, decoder.latent_to_hidden.bias)
-    stage = len(decoder.decoder_layers) // 2
-    for layer in decoder.decoder_layers[:stage]:
-        _ae_layer(layer, x)
-    x = fused_linear(x, decoder.expand_layer.weight, decoder.expand_layer.bias).view(-1, x.shape[1])
-    for layer in decoder.decoder_layers[stage:]:
-        _ae_layer(layer, x)
+    for layer in decoder.layers[:stage]:
+        residual_gated_mlp(x, layer)
+    x = fused_linear(x, decoder.expand.weight, decoder.expand.bias).view(-1, x.shape[1])
+    for layer in decoder.layers[stage:]:
+        residual_gated_mlp(x, layer)
     h = rms_norm(x, decoder.norm.weight, decoder.norm.eps)
-    ids, val = project_argmax(h, decoder.lm_head_weight)
-    return ids.view(-1, patch), val.view(-1, patch)
+    ids, val = project_argmax(h, decoder.projection)
+    return ids.view(-1, k), val.view(-1, k)
 
 
-def decode_argmax_ref(decoder: Decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's decoder, full logits, torch.max: (ids int64 [M, K], max logit float32 [M, K])."""
+def decode_argmax_ref(decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_argmax` in plain torch: the model's Decoder, its vocabulary projection through project_argmax_ref (the
+    logits of a large pool never exist at once). (ids int64 [M, K], max logit [M, K])."""
     _check(decoder, latents)
-    logits = decoder(latents[:, None])  # [M, K, V]
-    return logits.argmax(dim=-1), logits.amax(dim=-1).float()
+    k, stage = chunk_size(decoder), len(decoder.layers) // 2
+    rows = latents.shape[0]
+    x = reference.linear(latents, decoder.latent_to_hidden)
+    for layer in decoder.layers[:stage]:
+        x = reference.residual_mlp(x, layer)
+    x = reference.linear(x, decoder.expand).reshape(rows * k, -1)
+    for layer in decoder.layers[stage:]:
+        x = reference.residual_mlp(x, layer)
+    ids, values = project_argmax_ref(reference.norm(x, decoder.norm), decoder.projection)
+    return ids.view(rows, k), values.view(rows, k)

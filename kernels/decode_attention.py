@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import MIN_TILE, check_float, check_int, check_launch, dot_precision, jit, next_pow2, tl
+from .utils import MIN_TILE, check_float, check_int, check_launch, dot_precision, jit, next_pow2, tl
 
 BLOCK_N = 64  # cache positions per loop step (half precision; fp32 takes half) and the split granularity
 MIN_SPLIT = 256  # positions per split at least: shorter splits cost more in the merge than they save

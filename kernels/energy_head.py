@@ -8,11 +8,15 @@ condition half of each block's first linear) runs once per row and enters the pe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from calm_engine.model.energy_head import EnergyHead
-from kernels.fused_linear import fused_linear
-from kernels.philox import philox_uniform
-from kernels.utils import check_float, check_int, check_launch, dot_precision, dot_warps, jit, next_pow2, tl
+from . import reference
+from .fused_linear import fused_linear
+from .philox import philox_uniform
+from .utils import check_fields, check_float, check_int, check_launch, dot_precision, dot_warps, jit, next_pow2, tl
+
+HEAD_FIELDS = ("hidden_embed", "hidden_norm", "noise_embed", "noise_norm", "blocks", "final_norm", "final_first",
+               "final_second")  # fmt: skip
 
 
 @jit
@@ -68,24 +72,22 @@ def _noise_embed_kernel(
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-def _check(head: EnergyHead, hidden: torch.Tensor, samples: int) -> None:
-    if not isinstance(head, EnergyHead):
-        raise ValueError(f"energy_head: head must be an EnergyHead, got {type(head).__name__}")
-    size = head.hidden_embd.in_features
+def _check(head, hidden: torch.Tensor, samples: int) -> None:
+    check_fields("energy_head", "head", head, "EnergyHead", HEAD_FIELDS)
+    weight = head.hidden_embed.weight
+    size = weight.shape[1]
     if hidden.dim() != 2 or hidden.shape[1] != size:
         raise ValueError(f"energy_head: hidden must be [R, {size}], got {list(hidden.shape)}")
-    check_float("energy_head", "hidden", hidden)
-    if hidden.dtype != head.hidden_embd.weight.dtype or hidden.device != head.hidden_embd.weight.device:
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
         raise ValueError(
-            f"energy_head: hidden is {hidden.dtype} on {hidden.device} but the head is "
-            f"{head.hidden_embd.weight.dtype} on {head.hidden_embd.weight.device}"
+            f"energy_head: hidden is {hidden.dtype} on {hidden.device}, the head {weight.dtype} on {weight.device}"
         )
     if not isinstance(samples, int) or samples < 1:
         raise ValueError(f"energy_head: samples must be a positive int, got {samples!r}")
 
 
 def energy_head(
-    head: EnergyHead,
+    head,
     hidden: torch.Tensor,
     seeds: torch.Tensor,
     steps: torch.Tensor,
@@ -94,7 +96,8 @@ def energy_head(
 ) -> torch.Tensor:
     """hidden [R, H], seeds/steps int64 [R] -> latents [R, samples, latent] in hidden's dtype.
 
-    Row r's noise is `uniform_noise(seeds, steps, samples, noise_size)[r]`, generated in the first kernel.
+    head: its weights as calm_engine.engine.weights.EnergyHead describes them. Row r's noise is
+    `uniform_noise(seeds, steps, samples, noise_size)[r]`, generated in the first kernel.
     Math (M = R * samples, c and p_l once per row r):
         x = LN(noise_embd(eps));  c = LN(hidden_embd(h));  p_l = W1_l[:, H:] c + b1_l
         block l: t = SiLU(SiLU(W1_l[:, :H] LN_l(x) + p_l)); (g, v) = W3_l W2-output; x += Wd_l(SiLU(g) * v) + bd_l
@@ -107,12 +110,13 @@ def energy_head(
     binds at R=1, compute from R of about 2 (R=8: 71 GFLOP, 72 us vs 14 us).
     """
     _check(head, hidden, samples)
+    check_float("energy_head", "hidden", hidden)
     rows = hidden.shape[0]
     check_int("energy_head", "seeds", seeds, (rows,))
     check_int("energy_head", "steps", steps, (rows,))
     if seeds.dtype != torch.int64:
         raise ValueError(f"energy_head: seeds must be int64 (64-bit Philox keys), got {seeds.dtype}")
-    size, latent, noise_size = hidden.shape[1], head.final_layer.linears[2].out_features, head.noise_size
+    size, latent, noise_size = hidden.shape[1], head.final_second.weight.shape[0], head.noise_embed.weight.shape[1]
     m = rows * samples
     if out is None:
         out = torch.empty(rows, samples, latent, device=hidden.device, dtype=hidden.dtype)
@@ -127,47 +131,60 @@ def energy_head(
     fp32 = hidden.dtype == torch.float32
     tile = 32 if fp32 else 64
     block_m, block_n = min(tile, max(16, next_pow2(m))), min(tile, max(16, next_pow2(size)))
-    emb = head.noise_embd
+    emb, emb_norm = head.noise_embed, head.noise_norm
     _noise_embed_kernel[(-(-m // block_m),)](
-        seeds, steps, emb.weight, emb.bias, head.norm_noise.weight, head.norm_noise.bias, x,
-        m, samples, size, noise_size, emb.weight.stride(0), x.stride(0), head.norm_noise.eps,
+        seeds, steps, emb.weight, emb.bias, emb_norm.weight, emb_norm.bias, x,
+        m, samples, size, noise_size, emb.weight.stride(0), x.stride(0), emb_norm.eps,
         PRECISION=dot_precision(hidden.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         NOISE_P2=max(16, next_pow2(noise_size)), num_warps=8 if fp32 else dot_warps(block_m, block_n),
         enable_fp_fusion=False,
     )  # fmt: skip
 
-    condition = fused_linear(hidden, head.hidden_embd.weight, head.hidden_embd.bias)
+    condition = fused_linear(hidden, head.hidden_embed.weight, head.hidden_embed.bias)
     scratch_a = torch.empty(m, size, device=hidden.device, dtype=hidden.dtype)
     scratch_b = torch.empty_like(scratch_a)
-    for block in head.mlp_blocks:
-        first, second, third = block.linears[0], block.linears[2], block.linears[4]
+    hidden_norm = head.hidden_norm
+    for block in head.blocks:
+        third = block.third
         row_bias = fused_linear(
-            condition, first.weight[:, size:], first.bias, norm="layer", norm_weight=head.norm_hidden.weight,
-            norm_bias=head.norm_hidden.bias, eps=head.norm_hidden.eps,
+            condition, block.hidden_half.weight, block.hidden_half.bias, norm="layer", norm_weight=hidden_norm.weight,
+            norm_bias=hidden_norm.bias, eps=hidden_norm.eps,
         )  # fmt: skip
         fused_linear(
-            x, first.weight[:, :size], None, norm="layer", norm_weight=block.in_ln.weight, norm_bias=block.in_ln.bias,
-            eps=block.in_ln.eps, activation="silu", row_bias=row_bias, rows_per_group=samples, out=scratch_a,
+            x, block.noise_half.weight, None, norm="layer", norm_weight=block.norm.weight, norm_bias=block.norm.bias,
+            eps=block.norm.eps, activation="silu", row_bias=row_bias, rows_per_group=samples, out=scratch_a,
         )  # fmt: skip
-        fused_linear(scratch_a, second.weight, second.bias, activation="silu", out=scratch_b)
+        fused_linear(scratch_a, block.second.weight, block.second.bias, activation="silu", out=scratch_b)
         fused_linear(
             scratch_b, third.weight[:size], third.bias[:size], up_weight=third.weight[size:],
             up_bias=third.bias[size:], out=scratch_a,
         )  # fmt: skip
-        fused_linear(scratch_a, block.down_proj.weight, block.down_proj.bias, residual=x, out=x)
-    final = head.final_layer
+        fused_linear(scratch_a, block.down.weight, block.down.bias, residual=x, out=x)
+    final_norm = head.final_norm
     fused_linear(
-        x, final.linears[0].weight, final.linears[0].bias, norm="layer", norm_weight=final.in_ln.weight,
-        norm_bias=final.in_ln.bias, eps=final.in_ln.eps, activation="silu", out=scratch_a,
+        x, head.final_first.weight, head.final_first.bias, norm="layer", norm_weight=final_norm.weight,
+        norm_bias=final_norm.bias, eps=final_norm.eps, activation="silu", out=scratch_a,
     )  # fmt: skip
-    fused_linear(scratch_a, final.linears[2].weight, final.linears[2].bias, out=out.view(m, latent))
+    fused_linear(scratch_a, head.final_second.weight, head.final_second.bias, out=out.view(m, latent))
     return out
 
 
-def energy_head_ref(head: EnergyHead, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """hidden [R, H], explicit noise [R, samples, noise_size] -> [R, samples, latent]: the model module itself."""
+def energy_head_ref(head, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """hidden [R, H], explicit noise [R, samples, noise_size] -> latents [R, samples, latent], in plain torch.
+
+    The model's EnergyHead on every (row, sample), with the per-row work done once per row: the hidden-state
+    embedding and the hidden half of every block's first linear (the engine's PyTorch step runs exactly this)."""
     _check(head, hidden, max(1, noise.shape[1] if noise.dim() == 3 else 1))
-    if noise.dim() != 3 or noise.shape[0] != hidden.shape[0] or noise.shape[2] != head.noise_size:
-        raise ValueError(f"energy_head_ref: noise must be [{hidden.shape[0]}, samples, {head.noise_size}]")
-    expanded = hidden[:, None].expand(-1, noise.shape[1], -1)
-    return head(expanded, noise.to(hidden.dtype))
+    noise_size = head.noise_embed.weight.shape[1]
+    if noise.dim() != 3 or noise.shape[0] != hidden.shape[0] or noise.shape[2] != noise_size:
+        raise ValueError(f"energy_head_ref: noise must be [{hidden.shape[0]}, samples, {noise_size}]")
+    condition = reference.norm(reference.linear(hidden, head.hidden_embed), head.hidden_norm)
+    x = reference.norm(reference.linear(noise.to(hidden.dtype), head.noise_embed), head.noise_norm)
+    for block in head.blocks:
+        row_part = reference.linear(condition, block.hidden_half)[:, None]
+        y = F.silu(reference.linear(reference.norm(x, block.norm), block.noise_half) + row_part)
+        y = F.silu(reference.linear(y, block.second))
+        gate, up = reference.linear(y, block.third).chunk(2, dim=-1)
+        x = x + reference.linear(F.silu(gate) * up, block.down)
+    y = F.silu(reference.linear(reference.norm(x, head.final_norm), head.final_first))
+    return reference.linear(y, head.final_second)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import check_float, check_launch, check_tile, dot_depth, dot_precision, dot_warps, jit, next_pow2, tl
+from .rms_norm import rms_norm_ref
+from .utils import check_float, check_launch, check_tile, dot_depth, dot_precision, dot_warps, jit, next_pow2, tl
 
 NORMS = {None: 0, "layer": 1, "rms": 2}
 ACTIVATIONS = {None: 0, "silu": 1}
@@ -209,6 +210,20 @@ def fused_linear(
     return out
 
 
+def residual_gated_mlp(x: torch.Tensor, layer) -> torch.Tensor:
+    """x += down(SiLU(gate(rms(x))) * up(rms(x))) in place, in two launches: the normed gate/up GEMM with its SiLU
+    gating, then down with the residual. layer: an autoencoder layer's weights (`norm`: RMSNorm, `mlp`: gate_up
+    packed gate rows then up rows, down), as calm_engine.engine.weights.DecoderLayer describes them."""
+    mlp, norm = layer.mlp, layer.norm
+    gate_up, half = mlp.gate_up, mlp.gate_up.weight.shape[0] // 2
+    gate_bias, up_bias = (None, None) if gate_up.bias is None else (gate_up.bias[:half], gate_up.bias[half:])
+    hidden = fused_linear(
+        x, gate_up.weight[:half], gate_bias, up_weight=gate_up.weight[half:], up_bias=up_bias, norm="rms",
+        norm_weight=norm.weight, eps=norm.eps,
+    )  # fmt: skip
+    return fused_linear(hidden, mlp.down.weight, mlp.down.bias, residual=x, out=x)
+
+
 def fused_linear_ref(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -231,8 +246,7 @@ def fused_linear_ref(
     if norm == "layer":
         x = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
     elif norm == "rms":
-        xf = x.float()
-        x = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        x = rms_norm_ref(x, norm_weight, eps)
     y = torch.nn.functional.linear(x, weight, bias)
     if row_bias is not None:
         y = y + row_bias.repeat_interleave(rows_per_group, dim=0)[: y.shape[0]]

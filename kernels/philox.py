@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import check_int, check_launch, jit, tl
+from .utils import check_int, check_launch, jit, tl
 
 PHILOX_ROUNDS = 10
 PHILOX_M0 = 0xD2511F53  # multiplies counter word 0

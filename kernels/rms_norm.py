@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import check_float, check_launch, jit, next_pow2, num_warps_for, tl
+from .utils import check_float, check_launch, jit, next_pow2, num_warps_for, tl
 
 
 @jit
@@ -50,6 +50,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """calm_engine.model.layers.RMSNorm.forward, written out."""
+    """Llama's RMSNorm (calm_engine.model.layers.RMSNorm calls this): normalise in float32, cast back, then scale."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.utils import check_float, check_launch, jit, tl
+from .utils import check_float, check_launch, jit, tl
 
 BLOCK = 1024
 

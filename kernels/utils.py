@@ -81,6 +81,23 @@ def check_float(name: str, what: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name}: {what} must be float32, bfloat16 or float16, got {tensor.dtype}")
 
 
+def check_fields(name: str, what: str, value, kind: str, fields: tuple[str, ...]) -> None:
+    """`value` describes weights as calm_engine.engine.weights' `kind` does (the kernels read those fields only)."""
+    missing = [field for field in fields if not hasattr(value, field)]
+    if missing:
+        raise ValueError(
+            f"{name}: {what} must describe the weights as calm_engine.engine.weights.{kind} does (fields "
+            f"{', '.join(fields)}), got {type(value).__name__} without {', '.join(missing)}"
+        )
+
+
+def check_silu(name: str, mlps) -> None:
+    """The fused gated MLPs implement SiLU gating only."""
+    for mlp in mlps:
+        if mlp.activation != "silu":
+            raise ValueError(f"{name}: the fused kernels implement the 'silu' activation only, got {mlp.activation!r}")
+
+
 def check_int(name: str, what: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     if tensor.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: {what} must be an int32 or int64 tensor, got {tensor.dtype}")

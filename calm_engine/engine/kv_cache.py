@@ -1,7 +1,10 @@
 """The engine's KV cache: one preallocated slot per concurrent request, sized from the config and a memory budget.
 
-Layout per layer: keys/values [slots + 1, kv_heads, capacity, head_dim]. The extra last slot is a scratch sink that
-padding rows of a CUDA-graph batch write to, so they never touch a live request's cache.
+Layout per layer: keys/values [slots + 1, kv_heads, capacity, head_dim]. The extra last slot is a scratch sink for
+padding rows. The padding-row convention, one for every path: a padding row (a CUDA-graph bucket's rows beyond the
+batch) has slot PADDING_SLOT = -1. Writes index the cache with it, which in PyTorch is the last slot, the scratch
+sink; the decode-attention kernel reads nothing for it (kernels/decode_attention.py); the PyTorch attention reads the
+scratch slot, whose contents only padding rows see. No padding row touches a live request's cache.
 
 Why static slots rather than paged blocks: positions count K-token chunks, so a CALM context is K times shorter
 than a token model's (the official checkpoints: 2048 chunks = 8192 tokens) and a full-context slot of CALM-M is
@@ -17,6 +20,8 @@ import math
 import torch
 
 from calm_engine.model.config import CalmConfig
+
+PADDING_SLOT = -1
 
 
 class KVCacheError(ValueError):
@@ -60,7 +65,6 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.slots = slots
         self.capacity = capacity
-        self.scratch_slot = slots
         self.bytes = needed
 
 

@@ -29,10 +29,26 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # the optional C++ helpers of csrc/ (torch is imported first: both ship libgomp)
-    from calm_engine import _calm_cpu
-except ImportError:
-    _calm_cpu = None
+from calm_engine import native
+
+
+@dataclass
+class SamplingBatch:
+    """Device tensors describing how each row of a step samples ([B] unless noted).
+
+    seeds, steps: the request's seed and its generated-chunk index (noise.counter turns them into Philox counters).
+    valid [B, S]: which of the S pool samples a row uses (a T = 1 row uses sample 0 only).
+    inv_floor, inv_frac: n and a of 1/T = n + a.
+    pools: the exact sampler's bound per row; max_pools: its maximum over the batch (0: approximate sampling).
+    """
+
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    valid: torch.Tensor
+    inv_floor: torch.Tensor
+    inv_frac: torch.Tensor
+    pools: torch.Tensor
+    max_pools: int
 
 
 def pool_counts(patches: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -140,14 +156,13 @@ def exact_choice(
     """Algorithm 1 over one pool: the C++ loop of csrc/exact_sampler.cpp on CPU when it is built (microseconds
     instead of ~15 tensor operations per draw), else `exact_choice_ref`; both give the same state."""
     if (
-        _calm_cpu is None
-        or not hasattr(_calm_cpu, "exact_choice")
+        not native.has("exact_choice")
         or patches.device.type != "cpu"
         or uniforms.dtype != torch.float32  # the C++ loop compares in float32, as the reference does for float32
     ):
         return exact_choice_ref(state, patches, valid, inv_floor, inv_frac, uniforms)
     fields = [getattr(state, f.name).clone().contiguous() for f in dataclasses.fields(state)]
-    _calm_cpu.exact_choice(
+    native.calm_cpu.exact_choice(
         patches.to(torch.int64).contiguous().numpy(),
         valid.contiguous().numpy(),
         inv_floor.to(torch.int64).contiguous().numpy(),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.layers import RMSNorm
 from calm_engine.model.token_llama import TokenLlama
@@ -139,6 +140,20 @@ class Decoder:
 
 
 @dataclass(frozen=True)
+class Encoder:
+    """The autoencoder's encoder (the engine never runs it; the Triton encode kernel and its tests read it): token
+    embeddings, the first half of the layers per token, squeeze of the K token vectors into one, the second half,
+    the norm, then to_latent [2 * latent, hidden] (mean rows, then log-std rows). Its layers have the decoder's
+    structure (DecoderLayer)."""
+
+    embed: torch.Tensor
+    layers: tuple[DecoderLayer, ...]
+    squeeze: Linear
+    norm: Norm
+    to_latent: Linear
+
+
+@dataclass(frozen=True)
 class Shapes:
     """The sizes a backend allocates by. The last four are 0 / "" for a token-level model."""
 
@@ -190,6 +205,20 @@ class ModelWeights:
             config = model.config
             return cls(_shapes(config), _backbone(model), lm_head=Linear(model.lm_head.weight))
         raise TypeError(f"ModelWeights.of needs a CalmModel or a TokenLlama, got {type(model).__name__}")
+
+
+def encoder_weights(autoencoder: Autoencoder) -> Encoder:
+    """The description of an autoencoder's encoder (gate/up packed, the modules' parameters views of them)."""
+    encoder, activation = autoencoder.encoder, autoencoder.config.hidden_act
+    return Encoder(
+        embed=encoder.embed_tokens.weight,
+        layers=tuple(
+            DecoderLayer(norm(layer.layernorm), gated_mlp(layer.mlp, activation)) for layer in encoder.encoder_layers
+        ),
+        squeeze=linear(encoder.squeeze_layer),
+        norm=norm(encoder.norm),
+        to_latent=linear(encoder.hidden_to_latent),
+    )
 
 
 def pack(modules: list[nn.Linear]) -> Linear:

@@ -12,34 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.config import AutoencoderConfig, CalmConfig
-from calm_engine.tokenizer import find_tokenizer, load_tokenizer
+from calm_engine.model.token_llama import TokenLlama, is_token_llama_checkpoint, load_token_llama
+from calm_engine.model.weight_files import (
+    CheckpointError,
+    cast_weights,
+    check_weights,
+    existing_dir,
+    has_weights,
+    raise_problems,
+    read_weights,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_for,
+    write_weights,
+)
 
-if TYPE_CHECKING:
-    from calm_engine.model.token_llama import TokenLlama
-
-SAFETENSORS_FILE = "model.safetensors"
-PICKLE_FILE = "pytorch_model.bin"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 LM_HEAD_KEY = "decoder.lm_head_weight"
 EMBEDDING_KEY = "encoder.embed_tokens.weight"
 # Official state-dict prefix -> ours. Both generator prefixes name the same module.
@@ -51,10 +47,6 @@ AE_PREFIX = "ae_model."
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
 DEFAULT_CALM = DEFAULT_MODEL_DIR / "calm"
 DEFAULT_TOKEN_BASELINE = DEFAULT_MODEL_DIR / "token_baseline"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or weight file is missing, corrupt, or does not match the config."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,9 +72,8 @@ def load(
     """
     if path is None:
         path = default_model_path()
-    directory = _existing_dir(path, "checkpoint")
-    dtype, device = _resolve_dtype(dtype), resolve_device(device)
-    from calm_engine.model.token_llama import is_token_llama_checkpoint, load_token_llama  # it imports this module
+    directory = existing_dir(path, "checkpoint")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
 
     if is_autoencoder_checkpoint(directory):
         raise CheckpointError(
@@ -100,13 +91,13 @@ def load(
 
     with torch.device("meta"):
         model = CalmModel(config, ae_config)
-    problems = _check_weights(model.state_dict(), calm_weights, skip_prefix="autoencoder.", name=_official_name)
-    problems += _check_weights(model.autoencoder.state_dict(), ae_weights, optional={LM_HEAD_KEY}, label=ae_label)
-    _raise_problems(directory, problems)
-    model.load_state_dict(_cast(calm_weights, dtype, device), strict=False, assign=True)
+    problems = check_weights(model.state_dict(), calm_weights, skip_prefix="autoencoder.", name=_official_name)
+    problems += check_weights(model.autoencoder.state_dict(), ae_weights, optional={LM_HEAD_KEY}, label=ae_label)
+    raise_problems(directory, problems)
+    model.load_state_dict(cast_weights(calm_weights, dtype, device), strict=False, assign=True)
     _assign_autoencoder(model.autoencoder, ae_weights, dtype, device)
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
-    model.tokenizer = _tokenizer_for(directory, tokenizer, config.pad_token_id)
+    model.tokenizer = tokenizer_for(directory, tokenizer, config.pad_token_id)
     return model.eval().requires_grad_(False)
 
 
@@ -156,11 +147,11 @@ def load_autoencoder(
 ) -> Autoencoder:
     """Load an autoencoder: a standalone checkpoint directory (config.json + weights), or the one a CALM checkpoint
     directory embeds (ae_model.*, found as `load` finds it). Without a path, the shipped default model's."""
-    directory = _existing_dir(default_model_path() if path is None else path, "autoencoder checkpoint")
-    dtype, device = _resolve_dtype(dtype), resolve_device(device)
+    directory = existing_dir(default_model_path() if path is None else path, "autoencoder checkpoint")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     if is_autoencoder_checkpoint(directory):
         config = AutoencoderConfig.from_file(directory)
-        if not _has_weights(directory):
+        if not has_weights(directory):
             raise CheckpointError(
                 f"{directory} holds an autoencoder config.json but no weights: a CALM checkpoint that points at it "
                 f"(ae_path) embeds them as ae_model.*; pass that checkpoint's directory{_calm_parent_hint(directory)}"
@@ -175,7 +166,7 @@ def load_autoencoder(
         config, weights, label = _autoencoder_parts(directory, calm_config, read_weights(directory), None)
     with torch.device("meta"):
         autoencoder = Autoencoder(config)
-    _raise_problems(directory, _check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY}, label=label))
+    raise_problems(directory, check_weights(autoencoder.state_dict(), weights, optional={LM_HEAD_KEY}, label=label))
     _assign_autoencoder(autoencoder, weights, dtype, device)
     return autoencoder.eval().requires_grad_(False)
 
@@ -193,7 +184,7 @@ def is_autoencoder_checkpoint(directory: Path) -> bool:
 
 def _calm_parent_hint(directory: Path) -> str:
     parent = directory.resolve().parent
-    if (parent / "config.json").is_file() and _has_weights(parent) and not is_autoencoder_checkpoint(parent):
+    if (parent / "config.json").is_file() and has_weights(parent) and not is_autoencoder_checkpoint(parent):
         return f" (here probably {parent})"
     return ""
 
@@ -203,7 +194,7 @@ def save_autoencoder(autoencoder: Autoencoder, directory: str | Path, *, safeten
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     autoencoder.config.save(directory)
-    _write_weights(autoencoder.state_dict(), directory, safetensors)
+    write_weights(autoencoder.state_dict(), directory, safetensors)
 
 
 def save_calm(
@@ -231,83 +222,11 @@ def save_calm(
     if not safetensors:
         for key in [k for k in state if _our_name(k).startswith(DUPLICATE_HEAD_PREFIX)]:
             state[_our_name(key)] = state[key]
-    _write_weights(state, directory, safetensors)
+    write_weights(state, directory, safetensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weight files
-
-
-def _has_weights(directory: Path) -> bool:
-    names = (SAFETENSORS_FILE, PICKLE_FILE, SAFETENSORS_FILE + ".index.json", PICKLE_FILE + ".index.json")
-    return any((directory / name).is_file() for name in names)
-
-
-def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory by name, on the CPU, as stored (safetensors preferred)."""
-    directory = Path(directory)
-    for index_name, single_name in (
-        (SAFETENSORS_FILE + ".index.json", SAFETENSORS_FILE),
-        (PICKLE_FILE + ".index.json", PICKLE_FILE),
-    ):
-        if (directory / single_name).is_file():
-            return _read_file(directory / single_name)
-        if (directory / index_name).is_file():
-            return _read_shards(directory / index_name)
-    raise CheckpointError(
-        f"no weights in {directory}: expected {SAFETENSORS_FILE}, {PICKLE_FILE} or a sharded *.index.json"
-    )
-
-
-def _read_shards(index_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from None
-    weights = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
-        if not shard_path.is_file():
-            raise CheckpointError(f"{index_path} lists shard {shard}, which is missing")
-        weights.update(_read_file(shard_path))
-    missing = sorted(set(weight_map) - set(weights))
-    if missing:
-        raise CheckpointError(f"{index_path}: tensors listed but not found in their shards: {missing}")
-    return weights
-
-
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.name.endswith(".safetensors"):
-            return load_file(path)
-        try:
-            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be memory-mapped
-                raise
-            weights = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt ({error})") from None
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"cannot read {path} with torch.load(weights_only=True): it holds more than tensors ({error})"
-        ) from None
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
-    return weights
-
-
-def _write_weights(state: dict[str, torch.Tensor], directory: Path, safetensors: bool) -> None:
-    state = {k: v.detach().cpu() for k, v in state.items()}
-    if safetensors:
-        # safetensors cannot alias: every tensor gets its own storage. transformers' from_pretrained requires the
-        # "format" metadata, so the official code can load these files too.
-        tensors = {k: v.clone().contiguous() for k, v in state.items()}
-        save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
-    else:
-        torch.save(state, directory / PICKLE_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,51 +273,6 @@ def _to_official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {_official_name(key): tensor for key, tensor in state.items()}
 
 
-def _check_weights(
-    expected: dict[str, torch.Tensor],
-    found: dict[str, torch.Tensor],
-    *,
-    optional: set[str] = frozenset(),
-    skip_prefix: str | None = None,
-    label: str = "",
-    name=lambda key: key,
-) -> list[str]:
-    """Every problem between the model's expected tensors and the checkpoint's, one line each (keys shown by name)."""
-    if skip_prefix:
-        expected = {k: v for k, v in expected.items() if not k.startswith(skip_prefix)}
-    problems = [
-        f"missing tensor {label}{name(k)} {list(v.shape)}"
-        for k, v in expected.items()
-        if k not in found and k not in optional
-    ]
-    problems += [f"unexpected tensor {label}{name(k)} {list(v.shape)}" for k, v in found.items() if k not in expected]
-    for key, tensor in found.items():
-        if key in expected and tensor.shape != expected[key].shape:
-            problems.append(
-                f"shape mismatch for {label}{name(key)}: checkpoint {list(tensor.shape)}, "
-                f"config {list(expected[key].shape)}"
-            )
-        elif key in expected and not tensor.is_floating_point():
-            problems.append(f"tensor {label}{name(key)} has dtype {tensor.dtype}, expected a floating-point dtype")
-        elif key in expected and not bool(torch.isfinite(tensor).all()):
-            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-            problems.append(
-                f"tensor {label}{name(key)} holds {nan:,} NaN and {inf:,} infinite values of {tensor.numel():,}"
-            )
-    return problems
-
-
-def _raise_problems(directory: Path, problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise CheckpointError(f"{directory}: {problems[0]}")
-    if problems:
-        raise CheckpointError(f"{directory}: {len(problems)} problems with the weights:\n  " + "\n  ".join(problems))
-
-
-def _cast(weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
-
-
 def _assign_autoencoder(
     autoencoder: Autoencoder, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> None:
@@ -407,7 +281,7 @@ def _assign_autoencoder(
     embedding = weights[EMBEDDING_KEY]
     untied = lm_head is not None and lm_head.data_ptr() != embedding.data_ptr() and not torch.equal(lm_head, embedding)
     rest = {k: v for k, v in weights.items() if k != LM_HEAD_KEY}
-    missing, unexpected = autoencoder.load_state_dict(_cast(rest, dtype, device), strict=False, assign=True)
+    missing, unexpected = autoencoder.load_state_dict(cast_weights(rest, dtype, device), strict=False, assign=True)
     assert missing == [LM_HEAD_KEY] and not unexpected, (missing, unexpected)
     if untied:
         autoencoder.decoder.lm_head_weight = torch.nn.Parameter(lm_head.to(device=device, dtype=dtype))
@@ -453,15 +327,6 @@ def _infer_autoencoder_config(weights: dict[str, torch.Tensor], config: CalmConf
 # Paths and options
 
 
-def _existing_dir(path: str | Path, what: str) -> Path:
-    directory = Path(path)
-    if directory.is_file():
-        raise CheckpointError(f"{directory} is a file; give the {what} directory that holds config.json")
-    if not directory.is_dir():
-        raise CheckpointError(f"{what} directory not found: {directory}")
-    return directory
-
-
 def _ae_path_candidates(directory: Path, ae_path: str | None) -> list[Path]:
     if not ae_path:
         return []
@@ -482,38 +347,3 @@ def _find_autoencoder_dir(directory: Path, config: CalmConfig, ae_path: str | Pa
         if (candidate / "config.json").is_file():
             return candidate
     return None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A CPU or an available CUDA device; anything else is refused by name."""
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda' (optionally 'cuda:N'), got {device!r}")
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) sees no CUDA GPU: use "
-                "device 'cpu'"
-            )
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return resolved
-
-
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    return dtype
-
-
-def _tokenizer_for(directory: Path, tokenizer: str | Path | None, pad_token_id: int | None):
-    if tokenizer is not None:
-        return load_tokenizer(tokenizer, pad_token_id)
-    return find_tokenizer(directory, pad_token_id)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from calm_engine.kernels.reference import ACTIVATIONS
+from calm_engine.kernels.rms_norm import rms_norm_ref
 
 # LayerNorm epsilon of the generative head and the input compression: fixed in the official code, not in config.
 LAYER_NORM_EPS = 1e-6
 
-ACTIVATION_FUNCTIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+# The activations a config may name (hidden_act), by name.
+ACTIVATION_FUNCTIONS = ACTIVATIONS
 
 
 class RMSNorm(nn.Module):
@@ -26,15 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as Llama computes it: normalise in float32, cast back, then scale."""
-    input_dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(input_dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):

@@ -54,11 +54,16 @@ def rotary_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] rotated by cos/sin [B, T, D] (the half-split convention: pairs (i, i + D/2))."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of x [..., D] by cos/sin that broadcast against it (the half-split convention: pairs
+    (i, i + D/2)). The one rotary formula: the model and the engine's PyTorch step call it."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] rotated by cos/sin [B, T, D]."""
+    return rotate(x, cos[:, None], sin[:, None])
 
 
 class KVCache:

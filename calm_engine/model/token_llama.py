@@ -14,17 +14,17 @@ import torch
 from torch import nn
 
 from calm_engine.model.calm import check_backbone_input
-from calm_engine.model.checkpoint import (
-    CheckpointError,
-    _cast,
-    _check_weights,
-    _raise_problems,
-    _tokenizer_for,
-    _write_weights,
-    read_weights,
-)
 from calm_engine.model.config import TokenLlamaConfig
 from calm_engine.model.llama import KVCache, LlamaBackbone
+from calm_engine.model.weight_files import (
+    CheckpointError,
+    cast_weights,
+    check_weights,
+    raise_problems,
+    read_weights,
+    tokenizer_for,
+    write_weights,
+)
 
 # Hugging Face prefix -> ours, and the output projection's name (the same in both).
 HF_BACKBONE_PREFIX, BACKBONE_PREFIX = "model.", "backbone."
@@ -107,12 +107,12 @@ def load_token_llama(
                     f"{directory}: config.json sets tie_word_embeddings but {LM_HEAD_KEY} differs from "
                     f"{_hf_name(EMBEDDING_KEY)}; set tie_word_embeddings to false to keep a separate output projection"
                 )
-    _raise_problems(directory, _check_weights(expected, weights, optional=optional, name=_hf_name))
-    model.load_state_dict(_cast(weights, dtype, device), strict=False, assign=True)
+    raise_problems(directory, check_weights(expected, weights, optional=optional, name=_hf_name))
+    model.load_state_dict(cast_weights(weights, dtype, device), strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embed_tokens.weight  # assign=True replaced the tied Parameter
     assert not any(t.is_meta for t in model.state_dict().values()), "a parameter was left unloaded"
-    model.tokenizer = _tokenizer_for(directory, tokenizer, config.pad_token_id)
+    model.tokenizer = tokenizer_for(directory, tokenizer, config.pad_token_id)
     return model.eval().requires_grad_(False)
 
 
@@ -125,7 +125,7 @@ def save_token_llama(model: TokenLlama, directory: str | Path) -> None:
     state = {_hf_name(k): v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del state[LM_HEAD_KEY]
-    _write_weights(state, directory, safetensors=True)
+    write_weights(state, directory, safetensors=True)
 
 
 def _our_name(key: str) -> str:

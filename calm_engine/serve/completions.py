@@ -84,7 +84,7 @@ class CompletionService:
         self.config = config
         self.metrics = metrics
         engine = loop.engine
-        self.patch_size = engine.patch_size
+        self.patch_size = engine.chunk_size
         self.capacity = engine.cache.capacity
         self.eos_ids = frozenset(engine.config.eos_token_ids)
 

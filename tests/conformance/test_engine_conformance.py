@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from calm_engine import LLM, SamplingParams
-from calm_engine.engine.model_runner import COUNTERS_PER_STEP, SamplingBatch
-from calm_engine.engine.sampler import candidate_weights
+from calm_engine.engine.noise import COUNTERS_PER_STEP
+from calm_engine.engine.sampler import SamplingBatch, candidate_weights
 from tests.conformance.conftest import _calm
 from tests.conformance.test_conformance import require
 from tests.stats import total_variation, tv_threshold
@@ -87,7 +87,7 @@ def test_temperature_sampling_candidates(fixture, model):
 def engine_distribution(model, hidden: torch.Tensor, temperature: float, draws: int, samples: int) -> dict:
     """Output patches of the engine's sampling step for one hidden state repeated over `draws` rows."""
     llm = LLM(model, max_batch_size=1, max_model_len=model.config.patch_size)
-    runner = llm.engine.runner
+    step = llm.engine.backends.torch
     params = SamplingParams(temperature=temperature, num_samples=samples)
     batch = SamplingBatch(
         seeds=torch.arange(draws) + 1000,
@@ -98,7 +98,7 @@ def engine_distribution(model, hidden: torch.Tensor, temperature: float, draws: 
         pools=torch.zeros(draws, dtype=torch.long),
         max_pools=0,
     )
-    patches, _ = runner.sample_patches(hidden.expand(draws, -1), batch)
+    patches = step.sample(hidden.expand(draws, -1), batch).chunks
     counts: dict = {}
     for patch in patches.tolist():
         counts[tuple(patch)] = counts.get(tuple(patch), 0) + 1

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from calm_engine.engine import cpu_step, model_runner
+from calm_engine import native
 from calm_engine.engine.kv_cache import SlotKVCache
+from calm_engine.engine.step import native_step
+from calm_engine.engine.step.backbone import rotary_table
 from calm_engine.engine.step.native_weights import native_step_weights
 from calm_engine.engine.weights import ModelWeights
-from calm_engine.model.llama import rotary_cos_sin
 from tests.model_factory import context_sensitive_model, random_calm_model, random_token_llama
 
-_calm_cpu = model_runner._calm_cpu
-BLAS = cpu_step.torch_blas_addresses()
+_calm_cpu = native.calm_cpu
+BLAS = native_step.torch_blas_addresses()
 pytestmark = pytest.mark.skipif(
     _calm_cpu is None or BLAS is None, reason="calm_engine._calm_cpu is not built or torch exports no sgemm_"
 )
@@ -56,9 +57,8 @@ def replaced(node, path, value):
 def cache_and_rope(model, slots: int = 3, capacity: int = 6):
     config = model.config
     cache = SlotKVCache(config, slots, capacity, model.device, model.dtype)
-    positions = torch.arange(capacity)[None]
-    cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta, config.rope_scaling, model.dtype)
-    return cache.keys, cache.values, cos[0].contiguous(), sin[0].contiguous()
+    cos, sin = rotary_table(ModelWeights.of(model).shapes, capacity, model.device, model.dtype)
+    return cache.keys, cache.values, cos, sin
 
 
 MODEL = random_calm_model(seed=3, **BIASED)
@@ -208,13 +208,13 @@ def test_the_step_keeps_its_arrays_alive():
 def test_the_screen_names_a_projection_it_cannot_bound():
     step_weights = build()
     projection = WEIGHTS.decoder.projection
-    norms = cpu_step.projection_row_norms(projection).numpy()
+    norms = native_step.projection_row_norms(projection).numpy()
     norms[17] = np.inf
-    screen = (BLAS.gemm_bf16 or 0, cpu_step.bfloat16_bits(projection), norms)
+    screen = (BLAS.gemm_bf16 or 0, native_step.bfloat16_bits(projection), norms)
     with pytest.raises(ValueError, match=r"decoder\.projection rows of norm below 1e30; row 17 is not"):
         decode_step(step_weights, screen)
     with pytest.raises(ValueError, match=r"row_norms \[vocab\]"):
-        decode_step(step_weights, (0, cpu_step.bfloat16_bits(projection), norms[:-1]))
+        decode_step(step_weights, (0, native_step.bfloat16_bits(projection), norms[:-1]))
 
 
 def test_out_of_range_rows_are_named():

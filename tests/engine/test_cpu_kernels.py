@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from calm_engine.engine import cpu_step
+from calm_engine import native
+from calm_engine.engine.step import native_step as cpu_step
 
-_calm_cpu = cpu_step.model_runner._calm_cpu
+_calm_cpu = native.calm_cpu
 testing = getattr(_calm_cpu, "testing", None)  # the step's kernels one by one (csrc/test_bindings.cpp)
 pytestmark = pytest.mark.skipif(
     _calm_cpu is None or not hasattr(_calm_cpu, "supported_isas"), reason="calm_engine._calm_cpu is not built"

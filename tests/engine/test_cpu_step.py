@@ -1,4 +1,4 @@
-"""The C++ decode step (csrc/decode_step.cpp) against the ModelRunner's PyTorch path, on odd shapes, at every
+"""The C++ decode step (csrc/decode_step.cpp) against the PyTorch step, on odd shapes, at every
 instruction-set level this CPU runs (an AVX-512 machine thereby runs the AVX2 and generic paths too)."""
 
 from __future__ import annotations
@@ -7,17 +7,20 @@ from unittest import mock
 
 import pytest
 import torch
+from calm_engine.kernels import ae_decode
 
-from calm_engine import LLM, SamplingParams
-from calm_engine.engine import cpu_step, model_runner
+from calm_engine import LLM, SamplingParams, native
 from calm_engine.engine.kv_cache import SlotKVCache
-from calm_engine.engine.model_runner import ModelRunner, SamplingBatch
+from calm_engine.engine.sampler import SamplingBatch
+from calm_engine.engine.step import native_step as cpu_step
+from calm_engine.engine.step.torch_step import TorchStep
 from calm_engine.model.calm import CalmModel
-from tests.engine.test_model_runner import SHAPES
+from tests.engine.steps import native_step, torch_step
+from tests.engine.test_torch_step import SHAPES
 from tests.model_factory import context_sensitive_model
 
 pytestmark = pytest.mark.skipif(
-    cpu_step.model_runner._calm_cpu is None or cpu_step.torch_blas_addresses() is None,
+    native.calm_cpu is None or cpu_step.torch_blas_addresses() is None,
     reason="calm_engine._calm_cpu is not built or torch exports no sgemm_",
 )
 
@@ -37,26 +40,26 @@ def t1_batch(seeds: torch.Tensor, steps: torch.Tensor) -> SamplingBatch:
     )  # fmt: skip
 
 
-def t1_reference(runner: ModelRunner, hidden: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor):
+def t1_reference(runner: TorchStep, hidden: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor):
     """The PyTorch path's chunks [B, K] at T = 1 and, for judging near-ties, the float64 logits [B, K, vocab] of its
     final decoder states, with a bound [B, K] on how far float32 rounding can move them."""
     captured = []
-    project = model_runner.project_argmax
+    project = ae_decode.project_argmax_ref
 
     def capture(x, weight):
         captured.append((x.double(), weight.double()))
         return project(x, weight)
 
-    with mock.patch.object(model_runner, "project_argmax", capture):
-        ids, _ = runner.sample_patches(hidden, t1_batch(seeds, steps))
+    with mock.patch.object(ae_decode, "project_argmax_ref", capture):
+        ids = runner.sample(hidden, t1_batch(seeds, steps)).chunks
     (x, weight), = captured  # fmt: skip
     logits = (x @ weight.T).view(*ids.shape, -1)
     # Float32 rounding between two implementations of the step: each of its chained products (backbone, head,
     # decoder; ~20 in these models, each of at most `width` terms) moves its result by up to width * 2^-24 of its
     # magnitude; the normalisations keep the magnitudes at O(1). The logits then move by at most that relative error
     # times |x| max|w| (Cauchy-Schwarz).
-    config = runner.config
-    width = max(config.hidden_size, config.intermediate_size, runner.model.autoencoder.config.intermediate_size)
+    mlps = [layer.mlp.down for layer in runner.weights.backbone.layers + runner.weights.decoder.layers]
+    width = max(runner.weights.shapes.hidden, *(down.in_features for down in mlps))
     rel = 20 * width * 2**-24
     slack = rel * x.norm(dim=-1).view(ids.shape) * weight.norm(dim=-1).max()
     return ids, logits, slack
@@ -76,17 +79,17 @@ def assert_same_argmax(got: torch.Tensor, expected: torch.Tensor, logits: torch.
 def test_cpu_step_matches_the_torch_path(shape, isa):
     model = context_sensitive_model(seed=len(shape) + 1, **SHAPES[shape])
     cache = SlotKVCache(model.config, 5, 12, model.device, model.dtype)
-    runner = ModelRunner(model, cache)
+    runner = torch_step(model, cache)
     for tensor in cache.keys + cache.values:
         tensor.normal_()
-    step = cpu_step.CpuDecodeStep(runner, isa=isa)
+    step = native_step(runner, isa=isa)
     assert step.isa == isa
     rows = 4
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
     positions, slots = torch.tensor([3, 0, 11, 6]), torch.tensor([4, 0, 2, 5])  # slot 5: the scratch slot
     seeds, steps = torch.tensor([5, 2**40, 7, 9]), torch.tensor([0, 3, 8, 1])
     before = [t.clone() for t in cache.keys + cache.values]
-    hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
+    hidden = runner.decode_hidden(ids, positions, slots, attend=cache.capacity)
     expected, logits, slack = t1_reference(runner, hidden, seeds, steps)
     torch_cache = [t.clone() for t in cache.keys + cache.values]
     for tensor, old in zip(cache.keys + cache.values, before, strict=True):
@@ -99,22 +102,22 @@ def test_cpu_step_matches_the_torch_path(shape, isa):
 @pytest.mark.parametrize("isa", ISA)
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_cpu_prefill_matches_the_torch_path(shape, isa):
-    """Prompts of different lengths prefilled as one C++ call: the same first chunks as ModelRunner.prefill followed
-    by sample_patches, and the same keys and values at every prompt position."""
+    """Prompts of different lengths prefilled as one C++ call: the same first chunks as TorchStep.prefill_hidden
+    followed by sample, and the same keys and values at every prompt position."""
     model = context_sensitive_model(seed=len(shape) + 21, **SHAPES[shape])
     cache = SlotKVCache(model.config, 4, 9, model.device, model.dtype)
-    runner = ModelRunner(model, cache)
-    step = cpu_step.CpuDecodeStep(runner, isa=isa)
+    runner = torch_step(model, cache)
+    step = native_step(runner, isa=isa)
     k, chunks, slots = model.config.patch_size, [5, 1, 9], [2, 0, 3]
     ids = torch.randint(0, model.config.vocab_size, (len(chunks), max(chunks) * k))
     seeds, steps = torch.tensor([11, 2**35, 4]), torch.tensor([0, 0, 2])
-    hidden = runner.prefill(ids, torch.tensor(chunks), torch.tensor(slots))
+    hidden = runner.prefill_hidden(ids, torch.tensor(chunks), torch.tensor(slots))
     expected, logits, slack = t1_reference(runner, hidden, seeds, steps)
     reference = [t.clone() for t in cache.keys + cache.values]
     for tensor in cache.keys + cache.values:
         tensor.fill_(float("nan"))  # poisoned: every position a prompt reads must be written by the C++ prefill
     prompts = [row[: n * k].tolist() for row, n in zip(ids, chunks, strict=True)]
-    assert_same_argmax(step.prefill(prompts, slots, seeds, steps), expected, logits, slack)
+    assert_same_argmax(step.prefill_prompts(prompts, slots, seeds, steps), expected, logits, slack)
     for tensor, ref in zip(cache.keys + cache.values, reference, strict=True):
         for slot, n in zip(slots, chunks, strict=True):
             torch.testing.assert_close(tensor[slot, :, :n], ref[slot, :, :n], rtol=1e-5, atol=1e-5)
@@ -122,8 +125,8 @@ def test_cpu_prefill_matches_the_torch_path(shape, isa):
 
 def test_cpu_step_rejects_out_of_range_inputs():
     model = context_sensitive_model(seed=1)
-    runner = ModelRunner(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
-    step = cpu_step.CpuDecodeStep(runner)
+    runner = torch_step(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
+    step = native_step(runner)
     ids = torch.zeros(1, model.config.patch_size, dtype=torch.long)
     seeds, steps = torch.tensor([1]), torch.tensor([0])
     with pytest.raises(ValueError, match="out of range"):
@@ -141,7 +144,7 @@ def test_engine_output_is_the_same_with_and_without_the_cpu_step(isa):
     prompts = [[5, 6, 7], [1] * 9, [8, 9, 10, 11, 12]]
     params = SamplingParams(max_tokens=14, seed=4, ignore_eos=True)
     fast = LLM(model, max_batch_size=3, max_model_len=40, cpu_isa=isa)
-    assert fast.engine.cpu_step is not None and fast.engine.cpu_step.isa == isa
+    assert fast.engine.backends.native is not None and fast.engine.backends.native.isa == isa
     slow = LLM(model, max_batch_size=3, max_model_len=40, use_cpu_step=False)
     assert [o.token_ids for o in fast.generate(prompts, params)] == [
         o.token_ids for o in slow.generate(prompts, params)
@@ -152,15 +155,15 @@ def _step_and_reference(model: CalmModel, rows: int = 6, screen_vocab: bool | No
     """The C++ step's output for `rows` one-chunk prompts, the PyTorch path's (ids, float64 logits, their rounding
     slack; see t1_reference), and the step."""
     cache = SlotKVCache(model.config, rows, 8, model.device, model.dtype)
-    runner = ModelRunner(model, cache)
+    runner = torch_step(model, cache)
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
     positions, slots = torch.zeros(rows, dtype=torch.long), torch.arange(rows)
     seeds, steps = torch.arange(rows) + 11, torch.zeros(rows, dtype=torch.long)
-    hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
+    hidden = runner.decode_hidden(ids, positions, slots, attend=cache.capacity)
     reference = t1_reference(runner, hidden, seeds, steps)
     for tensor in cache.keys + cache.values:
         tensor.zero_()
-    step = cpu_step.CpuDecodeStep(runner, screen_vocab=screen_vocab, isa=isa)
+    step = native_step(runner, screen_vocab=screen_vocab, isa=isa)
     return step.run(ids, positions, slots, seeds, steps), reference, step
 
 
@@ -215,8 +218,8 @@ def test_cpu_step_on_one_thread(isa):
 @pytest.mark.parametrize("isa", ISA)
 def test_the_screen_is_on_by_default_where_the_level_says(isa):
     model = context_sensitive_model(seed=7, vocab_size=700)
-    runner = ModelRunner(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
-    step = cpu_step.CpuDecodeStep(runner, isa=isa)
+    runner = torch_step(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
+    step = native_step(runner, isa=isa)
     assert step.screen_vocab == cpu_step.SCREEN_BY_DEFAULT[isa]
 
 
@@ -228,7 +231,7 @@ def test_the_level_comes_from_the_argument_then_the_environment_then_the_cpu(mon
     assert cpu_step.resolve_isa() == "generic"
     assert cpu_step.resolve_isa(SUPPORTED[-1]) == SUPPORTED[-1]
     model = context_sensitive_model(seed=9)
-    assert LLM(model, max_batch_size=2, max_model_len=16).engine.cpu_step.isa == "generic"
+    assert LLM(model, max_batch_size=2, max_model_len=16).engine.backends.native.isa == "generic"
     monkeypatch.setenv(cpu_step.ISA_ENV, "avx9")
     with pytest.raises(ValueError, match=r"\$CALM_CPU_ISA='avx9' is not an instruction-set level.*generic, avx2"):
         LLM(model, max_batch_size=2, max_model_len=16)
@@ -250,7 +253,7 @@ def test_unknown_or_unsupported_levels_are_clear_errors(monkeypatch):
 def test_cpu_step_does_not_screen_a_projection_it_cannot_bound():
     model = context_sensitive_model(seed=6, vocab_size=1100)
     model.autoencoder.encoder.embed_tokens.weight[17, 3] = 1e31  # the tied projection: one row beyond the bound
-    runner = ModelRunner(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
-    assert not cpu_step.CpuDecodeStep(runner).screen_vocab
+    runner = torch_step(model, SlotKVCache(model.config, 2, 8, model.device, model.dtype))
+    assert not native_step(runner).screen_vocab
     with pytest.raises(RuntimeError, match="screen"):
-        cpu_step.CpuDecodeStep(runner, screen_vocab=True)
+        native_step(runner, screen_vocab=True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calm_engine.kernels.philox import uniform_noise_ref
 
-from calm_engine import LLM, SamplingParams
-from calm_engine.engine import model_runner, sampler
-from kernels.philox import uniform_noise_ref
+from calm_engine import LLM, SamplingParams, native
+from calm_engine.engine import sampler
 from tests.model_factory import context_sensitive_model
 
-needs_csrc = pytest.mark.skipif(model_runner._calm_cpu is None, reason="calm_engine._calm_cpu is not built")
+needs_csrc = pytest.mark.skipif(native.calm_cpu is None, reason="calm_engine._calm_cpu is not built")
 
 
 @needs_csrc
@@ -19,14 +19,14 @@ def test_philox_is_bit_identical_to_the_reference(rows, samples, dim):
     seeds = torch.randint(-(2**63), 2**63 - 1, (rows,))
     seeds[0] = 2**32 + 5  # a seed whose high word matters
     counters = torch.randint(0, 2**40, (rows,))
-    fast = torch.from_numpy(model_runner._calm_cpu.philox_uniform(seeds.numpy(), counters.numpy(), samples, dim))
+    fast = torch.from_numpy(native.calm_cpu.philox_uniform(seeds.numpy(), counters.numpy(), samples, dim))
     assert torch.equal(fast, uniform_noise_ref(seeds, counters, samples, dim))
 
 
 @needs_csrc
 def test_philox_rejects_bad_shapes():
     with pytest.raises(ValueError, match="same length"):
-        model_runner._calm_cpu.philox_uniform(
+        native.calm_cpu.philox_uniform(
             torch.zeros(2, dtype=torch.long).numpy(), torch.zeros(3, dtype=torch.long).numpy(), 1, 1
         )
 
@@ -35,7 +35,7 @@ def test_engine_falls_back_to_tensor_ops(monkeypatch):
     model = context_sensitive_model(seed=3)
     prompts, params = [[4, 5, 6, 7]], SamplingParams(max_tokens=8, seed=9, temperature=0.5, num_samples=16)
     with_csrc = LLM(model, max_batch_size=1, max_model_len=32).generate(prompts, params)
-    monkeypatch.setattr(model_runner, "_calm_cpu", None)
+    monkeypatch.setattr(native, "calm_cpu", None)  # the one import of the extension: nothing uses it now
     without = LLM(model, max_batch_size=1, max_model_len=32).generate(prompts, params)
     assert with_csrc[0].token_ids == without[0].token_ids
 

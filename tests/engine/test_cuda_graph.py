@@ -1,4 +1,4 @@
-"""The decode-graph runner's buffer logic on CPU (EagerCapture replays through the same static buffers).
+"""The graph step's buffer logic on CPU (EagerCapture replays through the same static buffers).
 
 The real capture is checked on a GPU by benchmarks/device_check.py (graph replay equals eager for every bucket).
 """
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from calm_engine import LLM, SamplingParams
-from calm_engine.engine.cuda_graph import DecodeGraphRunner, EagerCapture, default_buckets
 from calm_engine.engine.kv_cache import SlotKVCache
-from calm_engine.engine.model_runner import ModelRunner, SamplingBatch
+from calm_engine.engine.sampler import SamplingBatch
+from calm_engine.engine.step.graph_step import EagerCapture, GraphStep, default_buckets
+from tests.engine.steps import torch_step
 from tests.model_factory import context_sensitive_model
 
 
@@ -38,23 +39,23 @@ def sampling_batch(rows: int, samples: int, temperature: float) -> SamplingBatch
 def test_replay_equals_eager_and_padding_rows_stay_in_the_scratch_slot(rows, samples, temperature):
     model = context_sensitive_model(seed=4).double()
     cache = SlotKVCache(model.config, 8, 12, model.device, model.dtype)
-    runner = ModelRunner(model, cache)
+    step = torch_step(model, cache)
     for tensor in cache.keys + cache.values:
         tensor.normal_()
-    graphs = DecodeGraphRunner(runner, [1, 2, 4, 8], EagerCapture())
+    graphs = GraphStep(step, [1, 2, 4, 8], EagerCapture())
     ids = torch.randint(0, model.config.vocab_size, (rows, model.config.patch_size))
     positions = torch.tensor([4, 0, 7, 2, 9][:rows])
     slots = torch.tensor([6, 1, 3, 0, 7][:rows])
     batch = sampling_batch(rows, samples, temperature)
     before = [t.clone() for t in cache.keys + cache.values]
-    hidden = runner.decode(ids, positions, slots, attend=cache.capacity)
-    expected, _ = runner.sample_patches(hidden, batch)
+    hidden = step.decode_hidden(ids, positions, slots, attend=cache.capacity)
+    expected = step.sample(hidden, batch).chunks
     eager_cache = [t.clone() for t in cache.keys + cache.values]
     for tensor, old in zip(cache.keys + cache.values, before, strict=True):
         tensor.copy_(old)
-    patches, fell_back = graphs.run(ids, positions, slots, batch)
-    assert graphs.bucket(rows) >= rows and patches.shape == (rows, model.config.patch_size)
-    assert torch.equal(patches, expected) and not fell_back.any()
+    result = graphs.run(ids, positions, slots, batch)
+    assert graphs.bucket(rows) >= rows and result.chunks.shape == (rows, model.config.patch_size)
+    assert torch.equal(result.chunks, expected) and not result.fell_back.any()
     live = list(range(8))  # every real slot; only the scratch slot (8) may differ from the eager run
     for tensor, eager, old in zip(cache.keys + cache.values, eager_cache, before, strict=True):
         # A padded batch rounds the projections differently in the last bits; a stray write would differ by O(1).
@@ -66,12 +67,11 @@ def test_replay_equals_eager_and_padding_rows_stay_in_the_scratch_slot(rows, sam
 def test_a_second_replay_reuses_the_graph_with_new_inputs():
     model = context_sensitive_model(seed=5).double()
     cache = SlotKVCache(model.config, 4, 10, model.device, model.dtype)
-    runner = ModelRunner(model, cache)
-    graphs = DecodeGraphRunner(runner, [4], EagerCapture())
+    graphs = GraphStep(torch_step(model, cache), [4], EagerCapture())
     ids = torch.randint(0, model.config.vocab_size, (3, model.config.patch_size))
-    first, _ = graphs.run(ids, torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), sampling_batch(3, 1, 1.0))
+    first = graphs.run(ids, torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), sampling_batch(3, 1, 1.0)).chunks
     first = first.clone()
-    second, _ = graphs.run(ids[:2], torch.tensor([0, 0]), torch.tensor([0, 1]), sampling_batch(2, 1, 1.0))
+    second = graphs.run(ids[:2], torch.tensor([0, 0]), torch.tensor([0, 1]), sampling_batch(2, 1, 1.0)).chunks
     assert len(graphs.graphs) == 1 and torch.equal(second, first[:2])
 
 
@@ -87,4 +87,4 @@ def test_engine_with_graph_runner_matches_eager_engine():
     graphed_llm = LLM(model, max_batch_size=3, max_model_len=40, use_cuda_graph=True, cuda_graph_buckets=[2, 4])
     graphed = graphed_llm.generate(prompts, params)
     assert [o.token_ids for o in graphed] == [o.token_ids for o in eager]
-    assert graphed_llm.engine.graphs.graphs, "the graph runner was not used"
+    assert graphed_llm.engine.backends.graph.graphs, "the graph step was not used"

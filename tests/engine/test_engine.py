@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from calm_engine.kernels.philox import uniform_noise_ref
 
 from calm_engine import LLM, LLMEngine, SamplingParams
 from calm_engine.engine.kv_cache import KVCacheError
-from calm_engine.engine.model_runner import COUNTERS_PER_STEP
-from kernels.philox import uniform_noise_ref
+from calm_engine.engine.noise import counter
 from tests.engine.batching import assert_each_equals_running_alone, run_with_arrivals_and_aborts
 from tests.model_factory import context_sensitive_model
 
@@ -28,8 +28,8 @@ def reference_generate(model, prompt: list[int], seed: int, max_tokens: int, pad
     hidden = model.hidden_states(torch.tensor([fed]), cache)[:, -1]
     out = []
     for step in range(-(-max_tokens // k)):
-        counter = torch.tensor([step * COUNTERS_PER_STEP])
-        noise = uniform_noise_ref(torch.tensor([seed]), counter, 1, model.config.noise_size)[:, 0]
+        counters = torch.tensor([counter(step)])
+        noise = uniform_noise_ref(torch.tensor([seed]), counters, 1, model.config.noise_size)[:, 0]
         patch = model.autoencoder.decode_ids(model.sample_latent(hidden, noise)[:, None])
         out += patch[0].tolist()
         hidden = model.hidden_states(patch, cache)[:, -1]

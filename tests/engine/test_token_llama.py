@@ -1,4 +1,4 @@
-"""The token-level baseline (TokenLlama, K = 1) through the engine: runner vs reference model, generation vs a plain
+"""The token-level baseline (TokenLlama, K = 1) through the engine: its step vs reference model, generation vs a plain
 reference loop, sampler statistics, continuous batching, and its Hugging Face checkpoints."""
 
 from __future__ import annotations
@@ -8,21 +8,22 @@ import random
 
 import pytest
 import torch
+from calm_engine.kernels import triton_available
+from calm_engine.kernels.philox import uniform_noise_ref
 from safetensors.torch import load_file, save_file
 
 import calm_engine
 from calm_engine import LLM, LLMEngine, SamplingParams
 from calm_engine.engine.kv_cache import SlotKVCache
-from calm_engine.engine.model_runner import COUNTERS_PER_STEP, SamplingBatch
-from calm_engine.engine.token_runner import TokenModelRunner
+from calm_engine.engine.noise import counter
+from calm_engine.engine.sampler import SamplingBatch
 from calm_engine.model.checkpoint import CheckpointError
 from calm_engine.model.config import ConfigError, TokenLlamaConfig
 from calm_engine.model.llama import rotary_cos_sin
 from calm_engine.model.token_llama import TokenLlama, save_token_llama
-from kernels import triton_available
-from kernels.philox import uniform_noise_ref
 from tests.conftest import assert_rel_close
 from tests.engine.batching import assert_each_equals_running_alone, run_with_arrivals_and_aborts
+from tests.engine.steps import torch_step
 from tests.model.test_modules import llama3_inverse_frequencies_float64
 from tests.model_factory import random_token_llama
 from tests.stats import empirical, total_variation, tv_threshold
@@ -50,11 +51,11 @@ REL = 2e-5  # float32 results of differently ordered but equal sums
 def make_runner(shape: str, dtype=torch.float32, slots: int = 5, capacity: int = 16):
     reference = random_token_llama(seed=len(shape), **SHAPES[shape]).to(dtype)
     fast = random_token_llama(seed=len(shape), **SHAPES[shape]).to(dtype)
-    return reference, TokenModelRunner(fast, SlotKVCache(fast.config, slots, capacity, fast.device, fast.dtype))
+    return reference, fast, torch_step(fast, SlotKVCache(fast.config, slots, capacity, fast.device, fast.dtype))
 
 
 def sampling_batch(params: list[SamplingParams], seeds: list[int], steps: list[int]) -> SamplingBatch:
-    """The SamplingBatch the engine builds for a T = 1 pool (the token runner reads seeds, steps and 1/T only)."""
+    """The SamplingBatch the engine builds for a T = 1 pool (the token step reads seeds, steps and 1/T only)."""
     return SamplingBatch(
         seeds=torch.tensor(seeds),
         steps=torch.tensor(steps),
@@ -68,13 +69,13 @@ def sampling_batch(params: list[SamplingParams], seeds: list[int], steps: list[i
 
 def reference_generate(model: TokenLlama, prompt: list[int], seed: int, max_tokens: int, temperature: float = 1.0):
     """One request alone with the reference model API: cached hidden states, logits, Gumbel-max over the engine's
-    Philox uniforms for (seed, step * COUNTERS_PER_STEP). Pad ids are sampled and fed back but not reported."""
+    Philox uniforms for (seed, noise.counter(step)). Pad ids are sampled and fed back but not reported."""
     vocab = model.config.vocab_size
     cache = model.new_cache(1)
     hidden = model.hidden_states(torch.tensor([prompt]), cache)[:, -1]
     out = []
     for step in range(max_tokens):
-        u = uniform_noise_ref(torch.tensor([seed]), torch.tensor([step * COUNTERS_PER_STEP]), 1, vocab)[:, 0] + 0.5
+        u = uniform_noise_ref(torch.tensor([seed]), torch.tensor([counter(step)]), 1, vocab)[:, 0] + 0.5
         scores = model.logits(hidden).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
         token = int((scores - torch.log(-torch.log(u.to(scores.dtype)))).argmax(-1))
         out.append(token)
@@ -85,21 +86,21 @@ def reference_generate(model: TokenLlama, prompt: list[int], seed: int, max_toke
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_prefill_and_decode_match_reference(shape):
     """Prompts of 1, 7 and 3 tokens prefilled together into slots 3, 0, 4, then decoded token by token."""
-    reference, runner = make_runner(shape)
+    reference, model, runner = make_runner(shape)
     vocab = reference.config.vocab_size
     lengths, slots = [1, 7, 3], torch.tensor([3, 0, 4])
     full = [torch.randint(0, vocab, (1, n + 3)) for n in lengths]  # each prompt plus 3 tokens to decode
     for tensor in runner.cache.keys + runner.cache.values:
-        tensor.fill_(1e3)  # unwritten positions must never count (finite poison, see test_model_runner.py)
+        tensor.fill_(1e3)  # unwritten positions must never count (finite poison, see test_torch_step.py)
     tails = [torch.randint(0, vocab, (1, 7 - n)) for n in lengths]  # right padding: any ids
     padded = torch.cat([torch.cat([f[:, :n], t], 1) for f, n, t in zip(full, lengths, tails, strict=True)])
-    hidden = runner.prefill(padded, torch.tensor(lengths), slots)
+    hidden = runner.prefill_hidden(padded, torch.tensor(lengths), slots)
     expected = torch.cat([reference.hidden_states(f[:, :n])[:, -1] for f, n in zip(full, lengths, strict=True)])
     assert_rel_close(hidden, expected, REL, "prefill hidden")
     for step in range(3):
         positions = torch.tensor(lengths) + step
         ids = torch.cat([f[:, n + step : n + step + 1] for f, n in zip(full, lengths, strict=True)])
-        hidden = runner.decode(ids, positions, slots, attend=int(positions.max()) + 1)
+        hidden = runner.decode_hidden(ids, positions, slots, attend=int(positions.max()) + 1)
         expected = torch.cat(
             [reference.hidden_states(f[:, : n + step + 1])[:, -1] for f, n in zip(full, lengths, strict=True)]
         )
@@ -107,10 +108,9 @@ def test_prefill_and_decode_match_reference(shape):
     assert_rel_close(runner.logits(hidden), reference.logits(expected), REL, "logits")
 
 
-def test_runner_shares_the_model_weights():
-    reference, runner = make_runner("gelu-tied-rope-linear")
-    model = runner.model
-    assert runner.patch_size == 1 and runner.lm_head_weight is model.backbone.embed_tokens.weight
+def test_step_shares_the_model_weights():
+    reference, model, runner = make_runner("gelu-tied-rope-linear")
+    assert runner.chunk_size == 1 and runner.weights.lm_head.weight is model.backbone.embed_tokens.weight
     packed = runner.weights.backbone.layers[0].qkv.weight
     k_proj = model.backbone.layers[0].self_attn.k_proj.weight
     assert packed.untyped_storage().data_ptr() == k_proj.untyped_storage().data_ptr(), "weights stored twice"
@@ -120,15 +120,15 @@ def test_runner_shares_the_model_weights():
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 def test_decode_with_kernels_matches_torch():
-    """The CUDA path's decode attention kernel (under the triton interpreter here) on the token runner."""
-    _, runner = make_runner("gqa")
-    cache = SlotKVCache(runner.config, 5, 16, runner.model.device, torch.float32)
-    fast = TokenModelRunner(runner.model, cache, use_kernels=True)
-    ids = torch.randint(0, runner.config.vocab_size, (3, 7))
+    """The CUDA path's decode attention kernel (under the triton interpreter here) on the token step."""
+    _, model, runner = make_runner("gqa")
+    cache = SlotKVCache(model.config, 5, 16, model.device, torch.float32)
+    fast = torch_step(model, cache, use_kernels=True)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
     for r in (runner, fast):
-        r.prefill(ids, torch.tensor([7, 2, 5]), torch.tensor([1, 4, 0]))
+        r.prefill_hidden(ids, torch.tensor([7, 2, 5]), torch.tensor([1, 4, 0]))
     step = (torch.tensor([[3], [4], [5]]), torch.tensor([7, 2, 5]), torch.tensor([1, 4, 0]))
-    assert_rel_close(fast.decode(*step, attend=8), runner.decode(*step, attend=8), 1e-4, "decode hidden")
+    assert_rel_close(fast.decode_hidden(*step, attend=8), runner.decode_hidden(*step, attend=8), 1e-4, "decode hidden")
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph-buffers"])
@@ -153,17 +153,17 @@ def test_first_token_distribution_matches_softmax(temperature):
     The threshold comes from tests/stats.py (one sample of size N against the exact p, failure probability 1e-6);
     the test also checks that the T = 1 distribution would fail it at T < 1, so a sampler ignoring T cannot pass.
     """
-    _, runner = make_runner("gqa", dtype=torch.float64)
-    model = runner.model
+    _, model, runner = make_runner("gqa", dtype=torch.float64)
     prompt = torch.tensor([[7, 8, 9, 10, 11]])
-    hidden = runner.prefill(prompt, torch.tensor([5]), torch.tensor([0]))
+    hidden = runner.prefill_hidden(prompt, torch.tensor([5]), torch.tensor([0]))
     logits = model.logits(hidden)[0]
     exact = {i: float(p) for i, p in enumerate(torch.softmax(logits / temperature, -1))}
     rows = 20000
     params = [SamplingParams(temperature=temperature)] * rows
     batch = sampling_batch(params, seeds=list(range(1000, 1000 + rows)), steps=[0] * rows)
-    ids, fell_back = runner.sample_patches(hidden.expand(rows, -1), batch)
-    assert ids.shape == (rows, 1) and not fell_back.any()
+    result = runner.sample(hidden.expand(rows, -1), batch)
+    ids = result.chunks
+    assert ids.shape == (rows, 1) and not result.fell_back.any()
     threshold = tv_threshold(exact, rows)
     assert total_variation(empirical(ids[:, 0].tolist()), exact) < threshold
     if temperature < 1:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from calm_engine.engine import cpu_step
+from calm_engine import native
+from calm_engine.engine.step import native_step as cpu_step
 
-_calm_cpu = cpu_step.model_runner._calm_cpu
+_calm_cpu = native.calm_cpu
 testing = getattr(_calm_cpu, "testing", None)  # the step's kernels one by one (csrc/test_bindings.cpp)
 BLAS = cpu_step.torch_blas_addresses()
 SUPPORTED = cpu_step.supported_isas()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calm_engine.kernels.ae_decode import decode_argmax, decode_argmax_ref, project_argmax
 
-from kernels.ae_decode import decode_argmax, decode_argmax_ref, project_argmax
+from calm_engine.engine.weights import ModelWeights
 from tests.conftest import assert_rel_close
 from tests.kernels.cases import AE_MODELS, AE_ROWS, ARGMAX_SIZES, ARGMAX_SPLITS
 from tests.kernels.conftest import DEVICE, cuda_only, needs_triton
@@ -15,20 +16,24 @@ pytestmark = needs_triton
 
 
 def _decoder(dtype=torch.float32, **shared):
-    model = random_calm_model(5, **shared)
-    return model.autoencoder.decoder.to(DEVICE, dtype)
+    """The model's Decoder module and its description (the kernels' argument)."""
+    model = random_calm_model(5, **shared).to(DEVICE, dtype)
+    return model.autoencoder.decoder, ModelWeights.of(model).decoder
 
 
 @pytest.mark.parametrize("rows", AE_ROWS)
 @pytest.mark.parametrize("model_name", list(AE_MODELS))
 def test_matches_reference(rows, model_name):
-    decoder = _decoder(**AE_MODELS[model_name])
-    latents = torch.randn(rows, decoder.config.latent_size, device=DEVICE)
+    module, decoder = _decoder(**AE_MODELS[model_name])
+    latents = torch.randn(rows, decoder.latent_to_hidden.in_features, device=DEVICE)
     ids, best = decode_argmax(decoder, latents)
     ref_ids, ref_best = decode_argmax_ref(decoder, latents)
     assert ids.dtype == torch.int64 and best.dtype == torch.float32
     assert torch.equal(ids, ref_ids)
     assert_rel_close(best, ref_best, 2e-5, "max logit")
+    logits = module(latents[:, None])  # the model's Decoder: full logits
+    assert torch.equal(ref_ids, logits.argmax(dim=-1)), "reference vs the model's Decoder"
+    assert_rel_close(ref_best, logits.amax(dim=-1), 2e-5, "reference max logit vs the model's Decoder")
 
 
 @pytest.mark.parametrize("splits", ARGMAX_SPLITS)
@@ -83,17 +88,17 @@ def test_tile_overrides_are_checked():
 def test_calm_m_shapes_half(dtype):
     """Half precision: the kernel's fp32-accumulated argmax may differ on near ties, so check the chosen logit."""
     model = random_calm_model(2, vocab_size=128256, latent_size=128, ae=dict(hidden_size=512, intermediate_size=1280))
-    decoder = model.autoencoder.decoder.to(DEVICE, dtype)
+    model = model.to(DEVICE, dtype)
     latents = torch.randn(200, 128, device=DEVICE, dtype=dtype)
-    ids, best = decode_argmax(decoder, latents)
-    logits = decoder(latents[:, None]).float()
+    ids, best = decode_argmax(ModelWeights.of(model).decoder, latents)
+    logits = model.autoencoder.decoder(latents[:, None]).float()
     chosen = logits.gather(-1, ids[..., None])[..., 0]
     assert (logits.amax(-1) - chosen).max() <= 0.05 * logits.abs().amax()
     assert_rel_close(best, logits.amax(-1), 2e-2, "max logit")
 
 
 def test_validation():
-    decoder = _decoder(vocab_size=300)
+    _, decoder = _decoder(vocab_size=300)
     with pytest.raises(ValueError, match="latents must be"):
         decode_argmax(decoder, torch.randn(3, 7, device=DEVICE))
     with pytest.raises(ValueError, match="Decoder"):

@@ -67,7 +67,7 @@ import torch
 import compile_check
 recorder = compile_check.Recorder(90)
 recorder.install()
-from kernels.rms_norm import _rms_norm_kernel, rms_norm
+from calm_engine.kernels.rms_norm import _rms_norm_kernel, rms_norm
 x, w = torch.randn(3, 40), torch.randn(40)
 recorder.plan("launcher", "fp32", False, lambda: rms_norm(x, w, 1e-6))
 recorder.plan("drifted", "fp32", False, lambda: _rms_norm_kernel[(3,)](x, w, x, 40, 40, 40, 1e-6, BLOCK=64, BLOK=2))

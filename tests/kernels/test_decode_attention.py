@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from calm_engine.kernels.decode_attention import MAX_SPLITS, decode_attention, decode_attention_ref, split_plan
 
-from kernels.decode_attention import MAX_SPLITS, decode_attention, decode_attention_ref, split_plan
 from tests.conftest import assert_rel_close
 from tests.kernels.cases import ATTENTION_SHAPES, ATTENTION_SPLITS, attention_inputs
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned

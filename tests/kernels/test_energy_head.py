@@ -1,12 +1,14 @@
-"""The fused energy head with in-kernel noise == the model's head fed the reference noise of the same seeds."""
+"""The fused energy head with in-kernel noise == its torch reference (== the model's head) fed the reference noise of
+the same seeds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from calm_engine.kernels.energy_head import energy_head, energy_head_ref
+from calm_engine.kernels.philox import uniform_noise_ref
 
-from kernels.energy_head import energy_head, energy_head_ref
-from kernels.philox import uniform_noise_ref
+from calm_engine.engine.weights import ModelWeights
 from tests.conftest import assert_rel_close, max_rel_error
 from tests.kernels.cases import HEAD_ROWS_SAMPLES, HEAD_SHAPES
 from tests.kernels.conftest import DEVICE, DTYPES, cuda_only, needs_triton, poisoned
@@ -16,8 +18,8 @@ pytestmark = needs_triton
 
 
 def _head(shape, dtype):
-    model = random_calm_model(3, **HEAD_SHAPES[shape])
-    return model.generative_head.to(DEVICE, dtype)
+    model = random_calm_model(3, **HEAD_SHAPES[shape]).to(DEVICE, dtype)
+    return ModelWeights.of(model).head
 
 
 @pytest.mark.parametrize("shape", list(HEAD_SHAPES))
@@ -25,13 +27,24 @@ def _head(shape, dtype):
 @pytest.mark.parametrize("dtype, rel", DTYPES)
 def test_matches_reference_with_the_same_noise(shape, rows, samples, dtype, rel):
     head = _head(shape, dtype)
-    hidden = torch.randn(rows, head.hidden_embd.in_features).to(DEVICE, dtype)
+    hidden = torch.randn(rows, head.hidden_embed.in_features).to(DEVICE, dtype)
     seeds = torch.tensor([7, 2**33 + 1, -3][:rows], device=DEVICE)
     steps = torch.tensor([0, 11, 2**32 + 5][:rows], device=DEVICE)
-    latent = head.final_layer.linears[2].out_features
+    latent = head.final_second.out_features
     out = energy_head(head, hidden, seeds, steps, samples, out=poisoned(rows, samples, latent, dtype=dtype))
-    noise = uniform_noise_ref(seeds.cpu(), steps.cpu(), samples, head.noise_size).to(DEVICE)
+    noise = uniform_noise_ref(seeds.cpu(), steps.cpu(), samples, head.noise_embed.in_features).to(DEVICE)
     assert_rel_close(out, energy_head_ref(head, hidden, noise), rel, "latents")
+
+
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
+def test_reference_is_the_model_head(shape):
+    """energy_head_ref does the per-row work once per row; the model's EnergyHead on every (row, sample) agrees."""
+    model = random_calm_model(3, **HEAD_SHAPES[shape]).double()
+    head = ModelWeights.of(model).head
+    hidden = torch.randn(3, head.hidden_embed.in_features).double()
+    noise = torch.rand(3, 5, head.noise_embed.in_features).double() - 0.5
+    expected = model.generative_head(hidden[:, None].expand(-1, 5, -1), noise)
+    assert_rel_close(energy_head_ref(head, hidden, noise), expected, 1e-12, "reference vs EnergyHead")
 
 
 def test_samples_differ_and_rows_are_independent_of_the_batch():
@@ -56,7 +69,7 @@ def test_samples_differ_and_rows_are_independent_of_the_batch():
 @pytest.mark.parametrize("dtype, rel", [(torch.bfloat16, 4e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
 def test_calm_m_shapes(dtype, rel):
     model = random_calm_model(1, calm=dict(hidden_size=1024, noise_size=64, num_mlp_layers=4), latent_size=128)
-    head = model.generative_head.to(DEVICE, dtype)
+    head = ModelWeights.of(model.to(DEVICE, dtype)).head
     hidden = torch.randn(4, 1024, device=DEVICE, dtype=dtype)
     seeds, steps = torch.arange(4, device=DEVICE), torch.full((4,), 3, device=DEVICE)
     out = energy_head(head, hidden, seeds, steps, 200)

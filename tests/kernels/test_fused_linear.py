@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calm_engine.kernels.fused_linear import fused_linear, fused_linear_ref
 
-from kernels.fused_linear import fused_linear, fused_linear_ref
 from tests.conftest import assert_rel_close
 from tests.kernels.cases import LINEAR_CASES, LINEAR_SIZES, linear_inputs
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned

@@ -12,11 +12,11 @@ HIDE_TRITON = """
 import sys
 sys.modules["triton"] = None  # an import of triton now raises ImportError, as on a machine without it
 import torch
-import kernels
+import calm_engine.kernels as kernels
 assert not kernels.triton_available()
-from kernels.energy_head import energy_head, energy_head_ref
-from kernels.philox import uniform_noise, uniform_noise_ref
-from kernels import ae_decode, ae_encode, decode_attention, rms_norm, swiglu
+from calm_engine.kernels.energy_head import energy_head, energy_head_ref
+from calm_engine.kernels.philox import uniform_noise, uniform_noise_ref
+from calm_engine.kernels import ae_decode, ae_encode, decode_attention, rms_norm, swiglu
 assert uniform_noise_ref(torch.tensor([1]), torch.tensor([0]), 2, 3).shape == (1, 2, 3)
 try:
     uniform_noise(torch.tensor([1]), torch.tensor([0]), 2, 3)
@@ -26,7 +26,7 @@ except RuntimeError as error:
 
 NO_INTERPRETER = """
 import torch
-from kernels.philox import uniform_noise
+from calm_engine.kernels.philox import uniform_noise
 try:
     uniform_noise(torch.tensor([1]), torch.tensor([0]), 2, 3)
 except ValueError as error:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calm_engine.kernels.rms_norm import rms_norm, rms_norm_ref
+from calm_engine.kernels.swiglu import swiglu, swiglu_ref
 
 from calm_engine.model.layers import RMSNorm
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.swiglu import swiglu, swiglu_ref
 from tests.conftest import assert_rel_close
 from tests.kernels.cases import RMS_NORM_SHAPES, SWIGLU_SHAPES
 from tests.kernels.conftest import DEVICE, DTYPES, needs_triton, poisoned

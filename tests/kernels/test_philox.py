@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from calm_engine.kernels.philox import philox4x32_ref, uniform_noise, uniform_noise_ref
 
-from kernels.philox import philox4x32_ref, uniform_noise, uniform_noise_ref
 from tests.kernels.cases import NOISE_SIZES, PHILOX_SEEDS
 from tests.kernels.conftest import DEVICE, needs_triton, poisoned
 

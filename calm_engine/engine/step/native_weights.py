@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from calm_engine.engine import model_runner
+from calm_engine import native
 from calm_engine.engine.weights import GatedMLP, Linear, ModelWeights, Norm
 
 
@@ -16,13 +16,13 @@ def native_step_weights(
     values: list[torch.Tensor],
     rope_cos: torch.Tensor,
     rope_sin: torch.Tensor,
-) -> model_runner._calm_cpu.StepWeights:
+) -> native.calm_cpu.StepWeights:
     """A CALM model's weights (ModelWeights.of), its KV cache per layer (keys, values [slots + 1, kv_heads, capacity,
     head_dim]; the step writes them) and the rotary tables [capacity, head_dim] -> `_calm_cpu.StepWeights`.
 
     ValueError (from the C++ checks) naming the field whose type, layout or shape does not fit; RuntimeError where the
     extension is not built; ValueError for a token-level model, which the C++ step does not run."""
-    calm_cpu = model_runner._calm_cpu
+    calm_cpu = native.calm_cpu
     if calm_cpu is None:
         raise RuntimeError("native_step_weights: calm_engine._calm_cpu is not built")
     if not weights.is_calm:

@@ -1,9 +1,10 @@
-"""Decode steps replayed from CUDA graphs: backbone + head + autoencoder decode + sampling, one graph per bucket.
+"""GraphStep: decode steps replayed from CUDA graphs of the PyTorch step (backbone + head + autoencoder decode +
+sampling), one graph per bucket.
 
 A graph is captured per (batch-size bucket, pool size, exact-sampler pools) the first time a step needs it, after
 two warm-up runs, into one memory pool shared by all graphs. Replay copies the step's inputs into the first rows of
-static buffers sized for the largest bucket and neutralises the padding rows: they decode a zero chunk into the
-cache's scratch slot and take one sample, so they touch no live request.
+static buffers sized for the largest bucket and neutralises the padding rows: slot PADDING_SLOT (kv_cache.py), a
+zero chunk at position 0, one sample at T = 1, so they touch no live request.
 
 The capture mechanism is a small strategy object: `CudaGraphCapture` on CUDA, `EagerCapture` (calls the step on the
 same static buffers) elsewhere, so the buffer logic is tested on CPU through the same interface.
@@ -12,12 +13,15 @@ same static buffers) elsewhere, so the buffer logic is tested on CPU through the
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from calm_engine.engine.model_runner import ModelRunner, SamplingBatch
+from calm_engine.engine.kv_cache import PADDING_SLOT
+from calm_engine.engine.sampler import SamplingBatch
+from calm_engine.engine.step.interface import Phase, StepBackend, StepResult, StepRow
+from calm_engine.engine.step.torch_step import TorchStep
 
 MAX_GRAPH_BATCH = 64  # the largest bucket by default; bigger batches run eagerly
 
@@ -73,35 +77,42 @@ class _Buffers:
     pools: torch.Tensor
 
 
-class DecodeGraphRunner:
-    def __init__(self, runner: ModelRunner, buckets: list[int], capture=None):
-        if not buckets or any(b < 1 for b in buckets):
-            raise ValueError(f"cuda_graph_buckets must be positive batch sizes, got {buckets}")
-        self.runner = runner
+class GraphStep(StepBackend):
+    """Decodes through the graph of the smallest bucket that holds the batch; prefills eagerly (the wrapped step)."""
+
+    name = "graph"
+
+    def __init__(self, eager: TorchStep, buckets: list[int], capture=None):
+        self.eager = eager
         self.buckets = sorted(set(buckets))
         self.capture = capture if capture is not None else EagerCapture()
-        self.graphs: dict[tuple[int, int, int], tuple[Callable[[], None], tuple[torch.Tensor, torch.Tensor]]] = {}
-        rows, device = self.buckets[-1], runner.model.device
-        k = runner.patch_size
+        self.capture_is_cuda = isinstance(self.capture, CudaGraphCapture)
+        self.graphs: dict[tuple[int, int, int], tuple[Callable[[], None], StepResult]] = {}
+        rows, device = self.buckets[-1], eager.device
 
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         self.buffers = _Buffers(
-            zeros(rows, k), zeros(rows), zeros(rows), zeros(rows), zeros(rows), zeros(rows),
+            zeros(rows, eager.chunk_size), zeros(rows), zeros(rows), zeros(rows), zeros(rows), zeros(rows),
             zeros(rows), zeros(rows, dtype=torch.float64), zeros(rows),
         )  # fmt: skip
 
-    def can_run(self, batch_size: int) -> bool:
-        return batch_size <= self.buckets[-1]
+    def supports(self, phase: Phase, rows: Sequence[StepRow]) -> bool:
+        return len(rows) <= self.buckets[-1]
+
+    def prefill(self, rows: Sequence[StepRow]) -> StepResult:
+        return self.eager.prefill(rows)
+
+    def decode(self, rows: Sequence[StepRow]) -> StepResult:
+        ids, positions, slots = self.eager.decode_inputs(rows)
+        return self.run(ids, positions, slots, self.eager.sampling_batch(rows))
 
     def bucket(self, batch_size: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, batch_size)]
 
-    def run(
-        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, batch: SamplingBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step of `len(ids)` rows through the graph of its bucket -> (patches [B, K], fell_back [B])."""
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, batch: SamplingBatch) -> StepResult:
+        """The decode step of `len(ids)` rows through the graph of its bucket."""
         size = ids.shape[0]
         bucket = self.bucket(size)
         b = self.buffers
@@ -118,25 +129,25 @@ class DecodeGraphRunner:
         key = (bucket, batch.valid.shape[1], batch.max_pools)
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)
-        replay, (patches, fell_back) = self.graphs[key]
+        replay, out = self.graphs[key]
         replay()
-        return patches[:size], fell_back[:size]
+        return StepResult(out.chunks[:size], out.fell_back[:size])
 
     def _neutralise(self, size: int, bucket: int) -> None:
         b = self.buffers
         for tensor in (b.ids, b.positions, b.seeds, b.steps, b.inv_frac, b.pools):
             tensor[size:bucket].zero_()
-        b.slots[size:bucket].fill_(self.runner.cache.scratch_slot)
+        b.slots[size:bucket].fill_(PADDING_SLOT)
         b.samples[size:bucket].fill_(1)
         b.inv_floor[size:bucket].fill_(1)
 
-    def _capture(self, bucket: int, samples: int, max_pools: int):
-        runner, b = self.runner, self.buffers
+    def _capture(self, bucket: int, samples: int, max_pools: int) -> tuple[Callable[[], None], StepResult]:
+        step, b = self.eager, self.buffers
         columns = torch.arange(samples, device=b.ids.device)
-        outputs: list[torch.Tensor] = []
+        outputs: list[StepResult] = []
 
-        def step() -> None:
-            hidden = runner.decode(b.ids[:bucket], b.positions[:bucket], b.slots[:bucket], runner.cache.capacity)
+        def run() -> None:
+            hidden = step.decode_hidden(b.ids[:bucket], b.positions[:bucket], b.slots[:bucket], step.cache.capacity)
             sampling = SamplingBatch(
                 seeds=b.seeds[:bucket],
                 steps=b.steps[:bucket],
@@ -146,13 +157,13 @@ class DecodeGraphRunner:
                 pools=b.pools[:bucket],
                 max_pools=max_pools,
             )
-            patches, fell_back = runner.sample_patches(hidden, sampling, allow_sync=False)
+            result = step.sample(hidden, sampling, allow_sync=False)
             if outputs:
-                outputs[0].copy_(patches)
-                outputs[1].copy_(fell_back)
+                outputs[0].chunks.copy_(result.chunks)
+                outputs[0].fell_back.copy_(result.fell_back)
             else:
-                outputs.extend((patches, fell_back))
+                outputs.append(result)
 
-        step()  # the first run allocates the outputs that the graph then writes into
-        replay = self.capture.capture(step)
-        return replay, (outputs[0], outputs[1])
+        run()  # the first run allocates the outputs that the graph then writes into
+        replay = self.capture.capture(run)
+        return replay, outputs[0]

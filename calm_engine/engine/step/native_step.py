@@ -1,21 +1,22 @@
-"""CpuDecodeStep: a whole T = 1 decode step (or prefill) of a float32 CALM model in one C++ call
-(csrc/decode_step.cpp).
+"""NativeStep: a whole T = 1 decode step (or prefill) of a float32 CALM model in one C++ call
+(csrc/decode_step.cpp), the engine's fastest path for small batches on a CPU.
 
-For small batches on a CPU the eager step is ~120 PyTorch operations whose dispatch costs about as much as the
-matrix products (benchmarks/RESULTS.md). The C++ step reads the ModelRunner's weights and KV cache in place (numpy
-views, nothing copied). The ModelRunner's PyTorch path is its reference (tests/engine/test_cpu_step.py).
+For small batches on a CPU the PyTorch step is ~120 operations whose dispatch costs about as much as the matrix
+products (benchmarks/RESULTS.md). The C++ step reads the weights (ModelWeights) and the KV cache in place (numpy views,
+nothing copied). The PyTorch step is its reference (tests/engine/test_cpu_step.py).
 
-The step runs at an instruction-set level (ISA_LEVELS, csrc/isa.h): the highest this CPU supports, or a lower one
-asked for with `isa=` (LLM(..., cpu_isa=...)) or $CALM_CPU_ISA. At "generic" its products go to the sgemm of the
-BLAS inside torch, found at run time, and its loops are plain C++; from "avx2" up its products run on packed copies
-of the weights, each read as one stream (csrc/packed_linear.h), and its attention and SiLU are vectorised
-(csrc/step_kernels.h), 8 floats per register at "avx2", 16 from "avx512" up.
+The step runs at an instruction-set level (ISA_LEVELS, csrc/isa.h): the highest this CPU supports (the extension
+reads the CPU's features), or a lower one asked for with EngineConfig.cpu_isa or $CALM_CPU_ISA. At "generic" its
+products go to the sgemm of the BLAS inside torch, found at run time, and its loops are plain C++; from "avx2" up its
+products run on packed copies of the weights, each read as one stream (csrc/packed_linear.h), and its attention and
+SiLU are vectorised (csrc/step_kernels.h), 8 floats per register at "avx2", 16 from "avx512" up.
 
 The vocabulary argmax can go through a bfloat16 screen with a rigorous error bound and float32 recomputation of the
-ids it leaves (csrc/vocab_screen.h): the float32 argmax, computed mostly in bfloat16. The step keeps a bfloat16 copy
-of the projection's weight for it (half the weight's size): from "avx2" up packed for the level's kernel, AMX tiles
-at "amx", vdpbf16ps at "avx512_bf16" (up to 8 rows, MKL's bfloat16 GEMM above), float32 fused multiply-adds on the
-widened bfloat16 values at "avx2" and "avx512"; at "generic" MKL's bfloat16 GEMM, where torch exports it.
+ids it leaves (csrc/vocab_screen.h; EngineConfig.screen_vocab): the float32 argmax, computed mostly in bfloat16. The
+step keeps a bfloat16 copy of the projection's weight for it (half the weight's size): from "avx2" up packed for the
+level's kernel, AMX tiles at "amx", vdpbf16ps at "avx512_bf16" (up to 8 rows, MKL's bfloat16 GEMM above), float32
+fused multiply-adds on the widened bfloat16 values at "avx2" and "avx512"; at "generic" MKL's bfloat16 GEMM, where
+torch exports it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ import ctypes
 import functools
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from calm_engine.engine import model_runner
-from calm_engine.engine.model_runner import COUNTERS_PER_STEP, ModelRunner
+from calm_engine import native
+from calm_engine.engine.kv_cache import SlotKVCache
+from calm_engine.engine.noise import NoiseFn, counter, philox_noise, philox_noise_numpy
+from calm_engine.engine.step.interface import Phase, StepBackend, StepResult, StepRow
 from calm_engine.engine.step.native_weights import native_step_weights
+from calm_engine.engine.weights import ModelWeights
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,9 @@ SCREEN_BY_DEFAULT = {"generic": False, "avx2": True, "avx512": True, "avx512_bf1
 
 def supported_isas() -> tuple[str, ...]:
     """The levels this CPU runs, lowest first (("generic",) where the extension is not built)."""
-    calm_cpu = model_runner._calm_cpu
-    if calm_cpu is None or not hasattr(calm_cpu, "supported_isas"):
+    if not native.has("supported_isas"):
         return ("generic",)
-    return tuple(calm_cpu.supported_isas())
+    return tuple(native.calm_cpu.supported_isas())
 
 
 def resolve_isa(isa: str | None = None, argument: str = "isa") -> str:
@@ -113,19 +117,31 @@ def projection_row_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().norm(dim=1).mul_(1 + weight.shape[1] * 2**-21)
 
 
-def available(runner: ModelRunner) -> bool:
-    model = runner.model
+def available(weights: ModelWeights) -> bool:
+    """Whether the C++ step can run this model here: a float32 CALM model on CPU, the built extension, torch's sgemm."""
     return (
-        model_runner._calm_cpu is not None
-        and hasattr(model_runner._calm_cpu, "DecodeStep")
-        and model.device.type == "cpu"
-        and model.dtype == torch.float32
+        native.has("DecodeStep")
+        and weights.is_calm
+        and weights.device.type == "cpu"
+        and weights.dtype == torch.float32
         and torch_blas_addresses() is not None
     )
 
 
-class CpuDecodeStep:
-    def __init__(self, runner: ModelRunner, screen_vocab: bool | None = None, isa: str | None = None):
+class NativeStep(StepBackend):
+    """The C++ step: decode and prefill of rows at T = 1 (one head sample each)."""
+
+    name = "native"
+
+    def __init__(
+        self,
+        weights: ModelWeights,
+        cache: SlotKVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        noise: NoiseFn = philox_noise,
+        screen_vocab: bool | None = None,
+        isa: str | None = None,
+    ):
         """isa: the instruction-set level (ISA_LEVELS); None takes $CALM_CPU_ISA, else the highest this CPU runs.
         From "avx2" up the step keeps a packed copy of every weight but the embeddings and the vocabulary projection
         (18 MB on the small benchmark shape, 936 MB on CALM-M); at AVX-512 it ran the step 1.6x (small, batch 8) and
@@ -135,17 +151,17 @@ class CpuDecodeStep:
         screen_vocab: the vocabulary argmax through the bfloat16 screen; None uses it where the level's default
         (SCREEN_BY_DEFAULT) says so and the projection has finite rows (norm below 1e30); True insists (an error
         where it cannot: non-finite rows, or "generic" without MKL's bfloat16 GEMM)."""
-        if not available(runner):
+        if not available(weights):
             raise RuntimeError(
-                "the C++ decode step needs a float32 model on CPU, the built extension and torch's sgemm"
+                "the C++ decode step needs a float32 CALM model on CPU, the built extension and torch's sgemm"
             )
-        self.runner = runner
-        weights = native_step_weights(
-            runner.weights, runner.cache.keys, runner.cache.values, runner.rope_cos, runner.rope_sin
-        )
+        self.weights, self.cache, self.noise = weights, cache, noise
+        self.chunk_size, self.noise_size = weights.shapes.chunk_size, weights.shapes.noise
+        rope_cos, rope_sin = rope
+        step_weights = native_step_weights(weights, cache.keys, cache.values, rope_cos, rope_sin)
         self.isa = resolve_isa(isa)
         blas = torch_blas_addresses()
-        projection = runner.weights.decoder.projection
+        projection = weights.decoder.projection
         norms = projection_row_norms(projection)
         # Rows of norm 1e30 or more (or not finite) could overflow the screen's float32 sums. From "avx2" up the
         # level's own kernel computes the screen's products; at "generic" only MKL's GEMM can.
@@ -153,7 +169,7 @@ class CpuDecodeStep:
         screenable = products and bool(norms.max() < 1e30)
         if screen_vocab and not screenable:
             raise RuntimeError(
-                "CpuDecodeStep: the vocabulary screen needs finite projection weights, and at the generic level "
+                "the C++ step: the vocabulary screen needs finite projection weights, and at the generic level "
                 "torch's bfloat16 GEMM"
             )
         if screen_vocab is None:
@@ -162,26 +178,42 @@ class CpuDecodeStep:
         screen = (blas.gemm_bf16 or 0, bfloat16_bits(projection), norms.numpy()) if self.screen_vocab else None
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
-        self._step = model_runner._calm_cpu.DecodeStep(
-            weights, blas.sgemm, blas.set_threads_local, threads, isa=self.isa, vocab_screen=screen
+        self._step = native.calm_cpu.DecodeStep(
+            step_weights, blas.sgemm, blas.set_threads_local, threads, isa=self.isa, vocab_screen=screen
         )
+
+    # ---- the StepBackend interface ----------------------------------------------------------------------------
+
+    def supports(self, phase: Phase, rows: Sequence[StepRow]) -> bool:
+        return all(r.params.samples_per_step == 1 for r in rows)
+
+    def decode(self, rows: Sequence[StepRow]) -> StepResult:
+        k = self.chunk_size  # one numpy array for all the step's inputs: a step at batch 1 lasts ~0.7 ms
+        table = np.array([[*r.last_chunk, r.next_position, r.slot, r.seed, r.chunks_done] for r in rows])
+        return StepResult(self.run(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3]))
+
+    def prefill(self, rows: Sequence[StepRow]) -> StepResult:
+        keys = np.array([[r.seed, r.chunks_done] for r in rows], dtype=np.int64)  # the noise's (seed, step)
+        return StepResult(
+            self.prefill_prompts([r.fed_prompt for r in rows], [r.slot for r in rows], keys[:, 0], keys[:, 1])
+        )
+
+    # ---- arrays -----------------------------------------------------------------------------------------------
 
     def run(self, ids, positions, slots, seeds, steps) -> torch.Tensor:
         """ids [B, K] at chunk positions [B] in slots [B] -> the next chunk [B, K], sampled at T = 1 with the
-        noise of (seed, step) exactly as ModelRunner.sample_patches draws it. Integer CPU tensors or numpy arrays
+        noise of (seed, step) exactly as TorchStep.sample draws it. Integer CPU tensors or numpy arrays
         (the engine passes numpy: at batch 1 a step lasts ~0.7 ms, and each tensor built costs ~20 us)."""
         noise = self._noise(seeds, steps)
         out = self._step.run(np.asarray(ids), np.asarray(positions), np.asarray(slots), noise)
         return torch.from_numpy(out)
 
-    def prefill(
-        self, prompts: list[list[int]], slots: list[int], seeds: torch.Tensor, steps: torch.Tensor
-    ) -> torch.Tensor:
+    def prefill_prompts(self, prompts: list[list[int]], slots: list[int], seeds, steps) -> torch.Tensor:
         """Prompts of whole chunks (token ids, K per chunk) into cache slots, every chunk at its position -> the
-        first generated chunk of each [B, K] at T = 1: ModelRunner.prefill followed by sample_patches."""
+        first generated chunk of each [B, K] at T = 1: TorchStep.prefill_hidden followed by sample."""
         # numpy, not torch: torch.repeat_interleave runs a parallel region whose idle OpenMP thread then spins
         # through the step on the core its second thread needs (a 64-chunk prefill took 7.4 instead of 4.8 ms).
-        k = self.runner.config.patch_size
+        k = self.chunk_size
         chunks = np.array([len(prompt) // k for prompt in prompts], dtype=np.int64)
         ids = np.array([token for prompt in prompts for token in prompt], dtype=np.int64).reshape(-1, k)
         positions = np.concatenate([np.arange(n, dtype=np.int64) for n in chunks])
@@ -196,13 +228,10 @@ class CpuDecodeStep:
         return self._step.screen_fallback_rows
 
     def _noise(self, seeds, steps) -> np.ndarray:
-        """The noise [B, noise] of each row's (seed, step), as ModelRunner.sample_patches draws it at T = 1."""
+        """The noise [B, noise] of each row's (seed, step), as TorchStep.sample draws it at T = 1."""
         seeds = np.asarray(seeds, dtype=np.int64)
-        counters = np.asarray(steps, dtype=np.int64) * COUNTERS_PER_STEP
-        dim = self.runner.config.noise_size
-        if self.runner.noise is model_runner.philox_noise:
-            # philox_noise's own C++ loop, on numpy: a tensor operation between two steps made the next step ~0.1 ms
-            # slower at batch 8 (small shape, AVX2 level)
-            return model_runner._calm_cpu.philox_uniform(seeds, counters, 1, dim)[:, 0]
-        noise = self.runner.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, dim)[:, 0]
+        counters = counter(np.asarray(steps, dtype=np.int64))
+        if self.noise is philox_noise:
+            return philox_noise_numpy(seeds, counters, 1, self.noise_size)[:, 0]
+        noise = self.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, self.noise_size)[:, 0]
         return noise.contiguous().numpy()
