@@ -2,8 +2,9 @@
 (csrc/decode_step.cpp), the engine's fastest path for small batches on a CPU.
 
 For small batches on a CPU the PyTorch step is ~120 operations whose dispatch costs about as much as the matrix
-products (benchmarks/RESULTS.md). The C++ step reads the weights (ModelWeights) and the KV cache in place (numpy views,
-nothing copied). The PyTorch step is its reference (tests/engine/test_cpu_step.py).
+products (benchmarks/RESULTS.md). The C++ step reads the weights (ModelWeights, bound as the typed StepWeights of
+native_weights.py) and the KV cache in place (numpy views, nothing copied). The PyTorch step is its reference
+(tests/engine/test_cpu_step.py).
 
 The step runs at an instruction-set level (ISA_LEVELS, csrc/isa.h): the highest this CPU supports (the extension
 reads the CPU's features), or a lower one asked for with EngineConfig.cpu_isa or $CALM_CPU_ISA. At "generic" its
