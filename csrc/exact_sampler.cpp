@@ -16,17 +16,17 @@ namespace {
 template <typename T>
 using Array = py::array_t<T, py::array::c_style>;
 
-void exact_choice(Array<int64_t> patches, Array<bool> valid, Array<int64_t> inv_floor, Array<float> inv_frac,
+void exact_choice(Array<int64_t> chunks, Array<bool> valid, Array<int64_t> inv_floor, Array<float> inv_frac,
                   Array<float> uniforms, Array<bool> done, Array<int64_t> chosen, Array<int64_t> target,
                   Array<int64_t> matches, Array<bool> in_stage2, Array<int64_t> index) {
-  if (patches.ndim() != 3) throw std::invalid_argument("exact_choice: patches must be [B, S, K]");
-  const int64_t rows = patches.shape(0), samples = patches.shape(1), k = patches.shape(2);
+  if (chunks.ndim() != 3) throw std::invalid_argument("exact_choice: chunks must be [B, S, K]");
+  const int64_t rows = chunks.shape(0), samples = chunks.shape(1), k = chunks.shape(2);
   if (valid.size() != rows * samples || uniforms.size() != rows * samples || inv_floor.size() != rows ||
       inv_frac.size() != rows || done.size() != rows || chosen.size() != rows * k || target.size() != rows * k ||
       matches.size() != rows || in_stage2.size() != rows || index.size() != rows) {
     throw std::invalid_argument("exact_choice: state and pool shapes do not match");
   }
-  const int64_t* draw = patches.data();
+  const int64_t* draw = chunks.data();
   const bool* use = valid.data();
   const float* u = uniforms.data();
   bool* is_done = done.mutable_data();
@@ -82,7 +82,7 @@ void exact_choice(Array<int64_t> patches, Array<bool> valid, Array<int64_t> inv_
 
 void register_exact_sampler(py::module_& m) {
   m.def("exact_choice", &exact_choice, "Algorithm 1 over one pool; updates the state arrays in place",
-        py::arg("patches"), py::arg("valid"), py::arg("inv_floor"), py::arg("inv_frac"), py::arg("uniforms"),
+        py::arg("chunks"), py::arg("valid"), py::arg("inv_floor"), py::arg("inv_frac"), py::arg("uniforms"),
         py::arg("done"), py::arg("chosen"), py::arg("target"), py::arg("matches"), py::arg("in_stage2"),
         py::arg("index"));
 }

@@ -36,13 +36,10 @@
 #include <vector>
 
 #include "bf16_products.h"
+#include "blas.h"
 #include "isa.h"
 
 namespace calm_cpu {
-
-// MKL's cblas_gemm_bf16bf16f32 (CBLAS enums as ints): C [m, n] (float32) = alpha A [m, k] B [k, n] + beta C.
-using GemmBf16 = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
-                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
 
 // bfloat16 bits of a finite float, rounded to nearest even (as torch's float -> bfloat16 conversion).
 inline uint16_t to_bfloat16(float value) {

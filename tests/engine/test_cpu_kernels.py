@@ -11,6 +11,7 @@ from calm_engine import native
 from calm_engine.engine.step import native_step as cpu_step
 
 _calm_cpu = native.calm_cpu
+testing = getattr(_calm_cpu, "testing", None)  # the step's kernels one by one (csrc/test_bindings.cpp)
 pytestmark = pytest.mark.skipif(
     _calm_cpu is None or not hasattr(_calm_cpu, "supported_isas"), reason="calm_engine._calm_cpu is not built"
 )
@@ -30,8 +31,8 @@ VECTOR = [p for p in levels("avx2") if p.values[0] in ("avx2", "avx512")]
 
 
 def packed(isa, x, weight, bias, y, accumulate, groups=None):
-    groups = groups or (0, -(-weight.shape[0] // _calm_cpu.pack_width(isa)))
-    _calm_cpu.packed_linear_into(isa, x.numpy(), weight.numpy(), None if bias is None else bias.numpy(), y.numpy(),
+    groups = groups or (0, -(-weight.shape[0] // testing.pack_width(isa)))
+    testing.packed_linear_into(isa, x.numpy(), weight.numpy(), None if bias is None else bias.numpy(), y.numpy(),
                                  accumulate, *groups)  # fmt: skip
     return y
 
@@ -57,7 +58,7 @@ def test_packed_linear_matches_float64(isa, rows, out, width, with_bias):
 @pytest.mark.parametrize("isa", VECTOR)
 def test_packed_linear_accumulates_and_keeps_other_groups(isa):
     g = torch.Generator().manual_seed(7)
-    width = _calm_cpu.pack_width(isa)
+    width = testing.pack_width(isa)
     rows, out, size = 5, 3 * width + 4, 40  # three whole groups and a partial one
     x, weight, bias = torch.randn(rows, size, generator=g), torch.randn(out, size, generator=g), torch.randn(out)
     old = torch.randn(rows, out, generator=g)
@@ -93,7 +94,7 @@ def test_packed_linear_is_the_same_at_avx2_and_avx512():
 
 
 def test_no_packed_products_at_the_generic_level():
-    assert _calm_cpu.pack_width("generic") == 0
+    assert testing.pack_width("generic") == 0
     with pytest.raises(ValueError, match="no packed products at generic"):
         packed("generic", torch.ones(1, 4), torch.ones(2, 4), None, torch.empty(1, 2), accumulate=False, groups=(0, 0))
 
@@ -102,7 +103,7 @@ def test_unknown_or_unsupported_levels_are_refused_in_cpp():
     with pytest.raises(
         ValueError, match="unknown instruction-set level 'avx3'.*generic, avx2, avx512, avx512_bf16, amx"
     ):
-        _calm_cpu.pack_width("avx3")
+        testing.pack_width("avx3")
 
 
 def ulps(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
@@ -120,9 +121,9 @@ def test_exp_within_two_ulp_and_its_edges(isa):
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.uniform(-87, 88, 100_001), rng.uniform(-1, 1, 20_003), np.linspace(-20, 20, 4097)])
     x = x.astype(np.float32)
-    got = _calm_cpu.vector_exp(isa, x)
+    got = testing.vector_exp(isa, x)
     assert ulps(got, np.exp(x.astype(np.float64))).max() <= 2
-    got = _calm_cpu.vector_exp(isa, EXP_EDGES)
+    got = testing.vector_exp(isa, EXP_EDGES)
     assert got[0] == 1 and got[1] == 1
     assert np.all(np.isinf(got[2:5])) and np.all(got[2:5] > 0)
     assert np.all(got[5:8] == 0) and np.isnan(got[8])
@@ -134,9 +135,9 @@ def test_exp_and_silu_are_the_same_at_avx2_and_avx512():
     factors rounds once, as AVX-512's scalef does (csrc/simd.h), subnormal results included."""
     rng = np.random.default_rng(4)
     x = np.concatenate([rng.uniform(-110, 100, 50_001), np.linspace(-104, -87, 3001), EXP_EDGES]).astype(np.float32)
-    assert np.array_equal(_calm_cpu.vector_exp("avx2", x), _calm_cpu.vector_exp("avx512", x), equal_nan=True)
+    assert np.array_equal(testing.vector_exp("avx2", x), testing.vector_exp("avx512", x), equal_nan=True)
     g, u = (rng.standard_normal(1001) * 8).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
-    assert np.array_equal(_calm_cpu.vector_silu_mul("avx2", g, u), _calm_cpu.vector_silu_mul("avx512", g, u))
+    assert np.array_equal(testing.vector_silu_mul("avx2", g, u), testing.vector_silu_mul("avx512", g, u))
 
 
 @pytest.mark.parametrize("isa", levels())
@@ -145,7 +146,7 @@ def test_exp_and_silu_are_the_same_at_avx2_and_avx512():
 def test_silu_mul_matches_float64(isa, n, with_up):
     g = torch.Generator().manual_seed(n)
     gate, up = torch.randn(n, generator=g) * 6, torch.randn(n, generator=g)
-    got = torch.from_numpy(_calm_cpu.vector_silu_mul(isa, gate.numpy(), up.numpy() if with_up else None))
+    got = torch.from_numpy(testing.vector_silu_mul(isa, gate.numpy(), up.numpy() if with_up else None))
     exact = torch.nn.functional.silu(gate.double()) * (up.double() if with_up else 1)
     # exp within 2 ulp (<= 4 2^-24 relative), then an add, a division and a product each rounding once
     torch.testing.assert_close(got.double(), exact, rtol=8 * 2**-24, atol=1e-30)
@@ -159,7 +160,7 @@ def test_attention_head_matches_float64(isa, length, d):
     q, keys, values = torch.randn(d, generator=g), torch.randn(length, d, generator=g), torch.randn(length, d)
     scale = d**-0.5
     out = np.full(d, np.nan, dtype=np.float32)
-    _calm_cpu.attend_head(isa, q.numpy(), keys.numpy(), values.numpy(), scale, out)
+    testing.attend_head(isa, q.numpy(), keys.numpy(), values.numpy(), scale, out)
     weights = torch.softmax(keys.double() @ q.double() * scale, dim=0)
     exact = weights @ values.double()
     # The scores: float32 dots of d terms, each within d 2^-24 |q||k| of the exact (times the scale). Through the

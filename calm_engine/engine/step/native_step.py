@@ -2,8 +2,9 @@
 (csrc/decode_step.cpp), the engine's fastest path for small batches on a CPU.
 
 For small batches on a CPU the PyTorch step is ~120 operations whose dispatch costs about as much as the matrix
-products (benchmarks/RESULTS.md). The C++ step reads the weights (ModelWeights) and the KV cache in place (numpy views,
-nothing copied). The PyTorch step is its reference (tests/engine/test_cpu_step.py).
+products (benchmarks/RESULTS.md). The C++ step reads the weights (ModelWeights, bound as the typed StepWeights of
+native_weights.py) and the KV cache in place (numpy views, nothing copied). The PyTorch step is its reference
+(tests/engine/test_cpu_step.py).
 
 The step runs at an instruction-set level (ISA_LEVELS, csrc/isa.h): the highest this CPU supports (the extension
 reads the CPU's features), or a lower one asked for with EngineConfig.cpu_isa or $CALM_CPU_ISA. At "generic" its
@@ -36,7 +37,7 @@ from calm_engine import native
 from calm_engine.engine.kv_cache import SlotKVCache
 from calm_engine.engine.noise import NoiseFn, counter, philox_noise, philox_noise_numpy
 from calm_engine.engine.step.interface import Phase, StepBackend, StepResult, StepRow
-from calm_engine.engine.step.native_spec import legacy_step_spec
+from calm_engine.engine.step.native_weights import native_step_weights
 from calm_engine.engine.weights import ModelWeights
 
 
@@ -158,7 +159,7 @@ class NativeStep(StepBackend):
         self.weights, self.cache, self.noise = weights, cache, noise
         self.chunk_size, self.noise_size = weights.shapes.chunk_size, weights.shapes.noise
         rope_cos, rope_sin = rope
-        spec, arrays = legacy_step_spec(weights, cache, rope_cos, rope_sin)
+        step_weights = native_step_weights(weights, cache.keys, cache.values, rope_cos, rope_sin)
         self.isa = resolve_isa(isa)
         blas = torch_blas_addresses()
         projection = weights.decoder.projection
@@ -179,7 +180,7 @@ class NativeStep(StepBackend):
         # Two threads at most: the step's products are small, and the second thread spins while a step runs.
         threads = min(2, torch.get_num_threads())
         self._step = native.calm_cpu.DecodeStep(
-            blas.sgemm, blas.set_threads_local, threads, spec, arrays, vocab_screen=screen, isa=self.isa
+            step_weights, blas.sgemm, blas.set_threads_local, threads, isa=self.isa, vocab_screen=screen
         )
 
     # ---- the StepBackend interface ----------------------------------------------------------------------------

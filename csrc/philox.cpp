@@ -1,5 +1,3 @@
-// calm_cpu: CPU helpers of the engine's decode step that cost more as tensor ops than as a loop.
-//
 // philox_uniform: the engine's noise (kernels/philox.py, `uniform_noise_ref`) bit for bit. As tensor ops on a CPU it
 // is ~130 small operations per call (about 0.9 ms at batch 1, more than the backbone of a small model); here it is a
 // loop of a few microseconds. Plain pybind11 on numpy buffers, so building it needs no torch headers.
@@ -69,15 +67,7 @@ py::array_t<float> philox_uniform(py::array_t<int64_t, py::array::c_style> seeds
 
 }  // namespace
 
-void register_decode_step(py::module_& m);     // decode_step.cpp
-void register_kernels(py::module_& m);         // kernel_bindings.cpp
-void register_exact_sampler(py::module_& m);  // exact_sampler.cpp
-
-PYBIND11_MODULE(_calm_cpu, m) {
-  m.doc() = "CPU helpers of the calm-engine decode step (see csrc/calm_cpu.cpp)";
+void register_philox(py::module_& m) {
   m.def("philox_uniform", &philox_uniform, py::arg("seeds"), py::arg("counters"), py::arg("samples"), py::arg("dim"),
         "float32 [R, samples, dim] uniform on [-0.5, 0.5): Philox4x32-10, key = seed, counter = (i, counter, 0, 0)");
-  register_decode_step(m);
-  register_kernels(m);
-  register_exact_sampler(m);
 }

@@ -1,5 +1,5 @@
-// The instruction-set levels (isa.h) and, for tests, each of the decode step's kernels on its own at a given level:
-// packed products, exp, SiLU, one attention head and the screened vocabulary argmax.
+// For tests only, in the submodule _calm_cpu.testing: each of the decode step's kernels on its own at a given
+// instruction-set level (isa.h): packed products, exp, SiLU, one attention head and the screened vocabulary argmax.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -134,9 +134,8 @@ py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16
 
 }  // namespace
 
-void register_kernels(py::module_& m) {
-  m.def("supported_isas", &calm_cpu::supported_isa_names,
-        "the instruction-set levels of the C++ decode step this CPU runs, lowest first (csrc/isa.h)");
+void register_test_bindings(py::module_& module) {
+  py::module_ m = module.def_submodule("testing", "the decode step's kernels one by one, for tests");
   m.def("pack_width", &pack_width, py::arg("isa"), "outputs per group of the level's packed products (0: none)");
   m.def("packed_linear_into", &packed_linear_into, py::arg("isa"), py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("y"), py::arg("accumulate"), py::arg("g0"), py::arg("g1"));
