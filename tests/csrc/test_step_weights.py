@@ -86,7 +86,7 @@ def test_every_array_is_a_view_of_the_model_and_the_cache():
         assert all(np.shares_memory(a, t.numpy()) for a, t in zip(arrays, tensors, strict=True))
     assert np.shares_memory(step_weights.rope_cos, ROPE_COS.numpy())
     assert (step_weights.capacity, step_weights.scratch_slot) == (6, 3)
-    assert step_weights.shapes.chunk_size == MODEL.config.patch_size
+    assert step_weights.shapes.chunk_size == MODEL.config.chunk_size
     assert step_weights.backbone.layers[0].mlp.activation == MODEL.config.hidden_act
 
 
@@ -195,7 +195,7 @@ def test_the_step_keeps_its_arrays_alive():
     for path, tensor in copies.items():
         copied = replaced(copied, path, tensor)
     config = model.config
-    ids = np.arange(2 * config.patch_size, dtype=np.int64).reshape(2, -1)
+    ids = np.arange(2 * config.chunk_size, dtype=np.int64).reshape(2, -1)
     positions, slots = np.array([0, 0]), np.array([0, 1])
     noise = np.random.default_rng(0).uniform(-0.5, 0.5, (2, config.noise_size)).astype(np.float32)
     expected = decode_step(build(weights, *cache_and_rope(model))).run(ids, positions, slots, noise)
@@ -219,7 +219,7 @@ def test_the_screen_names_a_projection_it_cannot_bound():
 
 def test_out_of_range_rows_are_named():
     step = decode_step(build())
-    k, noise = MODEL.config.patch_size, np.zeros((1, MODEL.config.noise_size), np.float32)
+    k, noise = MODEL.config.chunk_size, np.zeros((1, MODEL.config.noise_size), np.float32)
     ids = np.zeros((2, k), np.int64)
     with pytest.raises(ValueError, match=r"^DecodeStep\.run: row 1: slot 4 out of range \[0, 3\]"):
         step.run(ids, np.array([0, 0]), np.array([0, 4]), np.zeros((2, MODEL.config.noise_size), np.float32))
