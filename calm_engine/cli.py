@@ -20,7 +20,7 @@ from torch import nn
 
 import calm_engine
 from calm_engine.brierlm_cli import add_brierlm_arguments, run_brierlm
-from calm_engine.distributed.group import join_environment, local_device
+from calm_engine.distributed.group import Shard, join_environment, local_device
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import is_autoencoder_checkpoint, load, load_autoencoder
@@ -133,7 +133,10 @@ def generate(args: argparse.Namespace) -> None:
         for i in range(len(prompts))
     ]
     device = resolve_device(args.device)
-    llm = LLM(args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(prompts)))
+    llm = LLM(
+        args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(prompts)),
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
     if llm.model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer, so it cannot take text prompts")
     if args.verbose:
@@ -162,12 +165,20 @@ def generate_file_command(args: argparse.Namespace) -> None:
             temperature=args.temperature, max_tokens=args.max_tokens, num_samples=args.num_samples, seed=seed
         )
 
-    shard = join_environment()
+    # Under torchrun: data parallel (each rank a shard of the prompts), or with --tensor-parallel-size N one engine
+    # over the N ranks (joined inside LLM; ranks > 0 serve rank 0 there and exit when it is done).
+    shard = join_environment() if args.tensor_parallel_size == 1 else Shard()
     device = resolve_device(local_device(args.device))
-    llm = LLM(args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(records)))
+    llm = LLM(
+        args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(records)),
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
     if args.verbose and shard.is_main:
         print(llm.engine.describe(), file=sys.stderr)
-    outputs = generate_file(llm, records, params_for, shard)
+    try:
+        outputs = generate_file(llm, records, params_for, shard)
+    finally:
+        llm.close()
     if outputs is not None:
         write_outputs(args.output, outputs)
 
@@ -263,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a single prompt's output when done (a progress bar on a terminal)",
     )
+    generate_cmd.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks one engine is sharded over (default 1)"
+    )
     generate_cmd.add_argument("--input", type=Path, default=None, help='a jsonl file of {"prompt": ...} lines')
     generate_cmd.add_argument("--output", type=Path, default=None, help="write {prompt, output, ...} lines here")
     generate_cmd.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -299,6 +313,9 @@ def add_serve_arguments(serve_cmd: argparse.ArgumentParser) -> None:
     serve_cmd.add_argument("--max-waiting", type=int, default=256, help="requests queued for a slot before 503s")
     serve_cmd.add_argument("--max-num-samples", type=int, default=4096, help="largest num_samples a request may ask")
     serve_cmd.add_argument("--max-body-size", type=int, default=1 << 20, help="bytes; larger bodies get 413")
+    serve_cmd.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks the engine is sharded over (default 1)"
+    )
     serve_cmd.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     serve_cmd.add_argument("--stream-interval", type=int, default=1, help="engine steps per streamed event")
     serve_cmd.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests")

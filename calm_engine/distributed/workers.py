@@ -125,13 +125,15 @@ def _dead(processes: list) -> list[str]:
 
 
 def _shutdown(processes: list, owns_group: bool) -> None:
-    if owns_group and dist.is_initialized():
+    """Tell the workers to stop (if they all live), drop the group rank 0 made, and reap the spawned processes."""
+    if dist.is_initialized():
         if all(p.is_alive() for p in processes):
             try:
                 dist.broadcast_object_list([None], src=0)  # the workers' signal to stop
             except (RuntimeError, dist.DistError):
                 pass
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
     for p in processes:
         p.join(timeout=5)
         if p.is_alive():

@@ -3,6 +3,7 @@ to one process, sizes refused before any process starts, and a dead or silent wo
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from calm_engine import LLM, SamplingParams
+from calm_engine.cli import main
 from calm_engine.distributed.tensor_parallel import check_sizes, combine_argmax, vocab_range
 from calm_engine.distributed.workers import TensorParallelError
 from calm_engine.engine.config import EngineConfig
@@ -22,6 +24,7 @@ from calm_engine.engine.weights import ModelWeights
 from tests.conformance.conftest import _calm, _fixture
 from tests.conformance.test_engine_conformance import GENERATE_CASES
 from tests.conftest import REPO_ROOT
+from tests.distributed.torchrun import torchrun
 
 FAULT_BOUND_S = 15.0  # a dead worker is named at the next step (liveness check) or by gloo's connection error
 
@@ -172,3 +175,14 @@ def test_sharded_argmax_equals_the_whole_vocabulary_argmax_ties_included():
         ids = torch.stack([p.indices + a for p, (a, _) in zip(pairs, ranges, strict=True)])
         ids, values = combine_argmax(ids, torch.stack([p.values for p in pairs]))
         assert torch.equal(ids, logits.argmax(-1)) and torch.equal(values, logits.max(-1).values)
+
+
+def test_torchrun_tensor_parallel_generate_equals_one_process(tmp_path):
+    """Under torchrun the ranks join its group: rank 0 schedules and writes, rank 1 serves its steps and exits."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def add(a, b):", "import os", "x = ["]))
+    argv = ["generate", "--input", str(prompts), "--max-tokens", "16", "--seed", "3", "--temperature", "0.5",
+            "--num-samples", "16", "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--output", str(tmp_path / "one.jsonl")]) == 0
+    torchrun(2, *argv, "--tensor-parallel-size", "2", "--output", str(tmp_path / "two.jsonl"))
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
