@@ -13,6 +13,7 @@ Workers poll their parent and exit when it is gone, so no worker outlives the ca
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ from calm_engine.kernels import triton_available
 from calm_engine.sampling_params import SamplingParams
 
 PARENT_POLL_S = 0.5
+MESSAGE_BYTES = 16384  # one broadcast holds the rows of a decode step of ~100 requests
 
 
 class TensorParallelError(RuntimeError):
@@ -69,15 +71,15 @@ def row_messages(rows: Sequence[StepRow], prefill: bool) -> list[RowMessage]:
 class WorkerGroup:
     """Rank 0's handle on its workers: sends each step, turns a worker's death or silence into TensorParallelError."""
 
-    def __init__(self, size: int, processes: list, owns_group: bool):
-        self.size, self.processes, self.owns_group = size, processes, owns_group
+    def __init__(self, size: int, processes: list, owns_group: bool, device: torch.device):
+        self.size, self.processes, self.owns_group, self.device = size, processes, owns_group, device
         self.failed: str | None = None
-        self._finalizer = weakref.finalize(self, _shutdown, processes, owns_group)
+        self._finalizer = weakref.finalize(self, _shutdown, processes, owns_group, device)
 
     def send(self, message) -> None:
         self.check()
         with self.guard():
-            dist.broadcast_object_list([message], src=0)
+            broadcast_message(message, self.device)
 
     def check(self) -> None:
         if self.failed is not None:
@@ -124,12 +126,37 @@ def _dead(processes: list) -> list[str]:
     return [f"worker {rank} (exit code {p.exitcode})" for rank, p in enumerate(processes, 1) if not p.is_alive()]
 
 
-def _shutdown(processes: list, owns_group: bool) -> None:
+def broadcast_message(message, device: torch.device):
+    """Rank 0's message (any picklable object; None on the other ranks) -> the message on every rank.
+
+    One broadcast of a fixed MESSAGE_BYTES buffer (length, then the pickle) carries a step's rows; a longer pickle
+    takes a second broadcast of the rest. broadcast_object_list took 1.2 ms per call on 2 CPU cores (gloo, loopback)
+    against 0.14 ms for an all-reduce, a third of a small model's step."""
+    buffer = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8, device=device)
+    data = b""
+    if dist.get_rank() == 0:
+        data = pickle.dumps(message)
+        head = len(data).to_bytes(8, "little") + data[: MESSAGE_BYTES - 8]
+        buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    dist.broadcast(buffer, src=0)
+    length = int.from_bytes(bytes(buffer[:8].tolist()), "little")
+    if length > MESSAGE_BYTES - 8:
+        rest = torch.zeros(length - (MESSAGE_BYTES - 8), dtype=torch.uint8, device=device)
+        if dist.get_rank() == 0:
+            rest[:] = torch.frombuffer(bytearray(data[MESSAGE_BYTES - 8 :]), dtype=torch.uint8)
+        dist.broadcast(rest, src=0)
+        payload = bytes(buffer[8:].cpu().numpy()) + bytes(rest.cpu().numpy())
+    else:
+        payload = bytes(buffer[8 : 8 + length].cpu().numpy())
+    return message if dist.get_rank() == 0 else pickle.loads(payload)
+
+
+def _shutdown(processes: list, owns_group: bool, device: torch.device) -> None:
     """Tell the workers to stop (if they all live), drop the group rank 0 made, and reap the spawned processes."""
     if dist.is_initialized():
         if all(p.is_alive() for p in processes):
             try:
-                dist.broadcast_object_list([None], src=0)  # the workers' signal to stop
+                broadcast_message(None, device)  # the workers' signal to stop
             except (RuntimeError, dist.DistError):
                 pass
         if owns_group:
@@ -171,11 +198,10 @@ class ParallelStep(TorchStep):
     def serve(self) -> None:
         """A worker's loop: run every step rank 0 sends until it sends None."""
         while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0)
-            if message[0] is None:
+            message = broadcast_message(None, self.device)
+            if message is None:
                 return
-            phase, rows = message[0]
+            phase, rows = message
             getattr(TorchStep, phase)(self, rows)
 
 
@@ -196,7 +222,7 @@ def build_parallel_step(weights: ModelWeights, cache: SlotKVCache, config) -> Pa
         if rank > 0:
             step.serve()
             sys.exit(0)
-        step.group = WorkerGroup(size, [], owns_group=False)
+        step.group = WorkerGroup(size, [], owns_group=False, device=device)
         return step
     if dist.is_initialized():
         raise ValueError("tensor_parallel_size > 1 starts its own process group, and this process already has one")
@@ -217,9 +243,9 @@ def build_parallel_step(weights: ModelWeights, cache: SlotKVCache, config) -> Pa
         _wait_for_workers(store, processes, config.parallel_timeout_s)
         dist.init_process_group(_backend(device), store=store, rank=0, world_size=size, timeout=timeout)
     except BaseException:
-        _shutdown(processes, owns_group=False)
+        _shutdown(processes, owns_group=False, device=device)
         raise
-    group = WorkerGroup(size, processes, owns_group=True)
+    group = WorkerGroup(size, processes, owns_group=True, device=device)
     return _rank_step(shard_weights(weights, 0, size), cache, config, 0, size, group)
 
 
