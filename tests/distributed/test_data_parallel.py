@@ -14,6 +14,7 @@ from calm_engine.brierlm import BrierLMConfig, evaluate_brierlm
 from calm_engine.cli import main
 from calm_engine.distributed.group import Shard
 from calm_engine.model.checkpoint import save_calm
+from tests.conftest import REPO_ROOT
 from tests.distributed.torchrun import torchrun
 from tests.model_factory import random_calm_model, random_token_llama
 from tests.test_brierlm import WordTokenizer, random_texts, write_word_tokenizer
@@ -76,3 +77,14 @@ def test_torchrun_prompt_file_equals_one_process(tmp_path):
 def test_shard_takes_every_nth_item():
     assert Shard(1, 3).take(list(range(8))) == [1, 4, 7]
     assert Shard().take([4, 5]) == [4, 5] and Shard().gather("x") == ["x"]
+
+
+def test_the_readme_gives_the_tested_commands():
+    """The README's multi-process commands are the ones these tests (and test_tensor_parallel's) run via torchrun."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    for command in [
+        "torchrun --nproc-per-node 2 -m calm_engine.cli eval brierlm --data",
+        "torchrun --nproc-per-node 2 -m calm_engine.cli generate --input prompts.jsonl --output out.jsonl --seed 0",
+        "torchrun --nproc-per-node 2 -m calm_engine.cli generate --tensor-parallel-size 2 --input prompts.jsonl",
+    ]:
+        assert command in readme, command
