@@ -20,7 +20,7 @@ from torch import nn
 
 import calm_engine
 from calm_engine.brierlm_cli import add_brierlm_arguments, run_brierlm
-from calm_engine.distributed.group import Shard, join_environment, local_device
+from calm_engine.distributed.group import Shard, environment_world_size, join_environment, local_device
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import is_autoencoder_checkpoint, load, load_autoencoder
@@ -113,6 +113,11 @@ def generate(args: argparse.Namespace) -> None:
     """Continue every prompt; a single prompt streams to stdout as it is generated, several print when done."""
     if args.input is not None or args.output is not None:
         return generate_file_command(args)
+    if environment_world_size() > 1 and args.tensor_parallel_size == 1:
+        raise ValueError(
+            "under torchrun give the prompts as --input FILE --output FILE (each rank takes a share), or shard one "
+            "engine over the ranks with --tensor-parallel-size N"
+        )
     prompts = [_utf8_text(p, f"prompt argument {i + 1}") for i, p in enumerate(args.prompts)] or _stdin_prompts()
     if not prompts:
         raise ValueError("no prompt: give prompts as arguments or one per line on stdin")

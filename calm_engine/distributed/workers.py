@@ -73,8 +73,17 @@ class WorkerGroup:
 
     def __init__(self, size: int, processes: list, owns_group: bool, device: torch.device):
         self.size, self.processes, self.owns_group, self.device = size, processes, owns_group, device
-        self.failed: str | None = None
-        self._finalizer = weakref.finalize(self, _shutdown, processes, owns_group, device)
+        self.state = {"failed": None}  # shared with the finalizer: a failed group gets no stop message
+        self._finalizer = weakref.finalize(self, _shutdown, processes, owns_group, device, self.state)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the group failed (a step raised TensorParallelError), or None."""
+        return self.state["failed"]
+
+    @failed.setter
+    def failed(self, reason: str) -> None:
+        self.state["failed"] = reason
 
     def send(self, message) -> None:
         self.check()
@@ -151,10 +160,10 @@ def broadcast_message(message, device: torch.device):
     return message if dist.get_rank() == 0 else pickle.loads(payload)
 
 
-def _shutdown(processes: list, owns_group: bool, device: torch.device) -> None:
-    """Tell the workers to stop (if they all live), drop the group rank 0 made, and reap the spawned processes."""
+def _shutdown(processes: list, owns_group: bool, device: torch.device, state: dict | None = None) -> None:
+    """Tell the workers to stop (unless the group failed), drop the group rank 0 made, reap the spawned processes."""
     if dist.is_initialized():
-        if all(p.is_alive() for p in processes):
+        if (state is None or state["failed"] is None) and all(p.is_alive() for p in processes):
             try:
                 broadcast_message(None, device)  # the workers' signal to stop
             except (RuntimeError, dist.DistError):

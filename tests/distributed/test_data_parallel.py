@@ -88,3 +88,10 @@ def test_the_readme_gives_the_tested_commands():
         "torchrun --nproc-per-node 2 -m calm_engine.cli generate --tensor-parallel-size 2 --input prompts.jsonl",
     ]:
         assert command in readme, command
+
+
+def test_prompts_from_arguments_are_refused_under_torchrun(monkeypatch, capsys):
+    """Every rank would generate and print every prompt: the prompts must come as a file to shard."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["generate", "import os", "--max-tokens", "4"]) == 2
+    assert "under torchrun give the prompts as --input FILE --output FILE" in capsys.readouterr().err
