@@ -12,6 +12,7 @@ Workers poll their parent and exit when it is gone, so no worker outlives the ca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import sys
@@ -241,7 +242,8 @@ def build_parallel_step(weights: ModelWeights, cache: SlotKVCache, config) -> Pa
     processes = []
     try:
         for rank in range(1, size):
-            shard = shard_weights(weights, rank, size)
+            # A worker's shard travels in shared host memory (a GPU worker copies it to its own device).
+            shard = _to_device(shard_weights(weights, rank, size), torch.device("cpu"))
             process = context.Process(
                 target=_worker_main,
                 args=(rank, size, store.port, shard, cache.config, cache.capacity, config, os.getpid()),
@@ -250,6 +252,8 @@ def build_parallel_step(weights: ModelWeights, cache: SlotKVCache, config) -> Pa
             process.start()
             processes.append(process)
         _wait_for_workers(store, processes, config.parallel_timeout_s)
+        for process in processes:
+            process._args = ()  # a ready worker holds its shard: rank 0 drops its reference to the host copy
         dist.init_process_group(_backend(device), store=store, rank=0, world_size=size, timeout=timeout)
     except BaseException:
         _shutdown(processes, owns_group=False, device=device)
@@ -308,8 +312,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _to_device(weights: ModelWeights, device: torch.device) -> ModelWeights:
-    """Every tensor of the description moved to `device` (a worker's GPU)."""
-    import dataclasses
+    """Every tensor of the description moved to `device` (the same tensors where they are there already)."""
 
     def move(value):
         if isinstance(value, torch.Tensor):
