@@ -6,6 +6,7 @@ teacher-forced blocks: two samples per position, x1 and x2, scored against the t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -46,9 +47,30 @@ def _check_noise(noise: torch.Tensor, shape: tuple[int, ...], name: str) -> None
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(noise.shape)}")
 
 
-def _uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
-    """Head noise as the reference draws it: uniform on [-0.5, 0.5)."""
-    return torch.rand(shape, generator=generator, device=device) - 0.5
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _uniform_noise(
+    shape: tuple[int, ...], generator: Generators, device, row_dim: int = 1, lengths: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Head noise as the reference draws it: uniform on [-0.5, 0.5).
+
+    generator: one generator for the whole tensor, or one per row (the tensor's dimension row_dim): each row's noise
+    is then drawn from its own generator over its own length (lengths[b] along the row's dimension row_dim, the rest
+    zero), so a block's draws do not depend on the blocks it is batched with (brierlm.py keys them by block).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(shape, generator=generator, device=device) - 0.5
+    noise = torch.zeros(shape, device=device)
+    for b, row_generator in enumerate(generator):
+        row = noise.select(row_dim, b)
+        row_shape = list(row.shape)
+        if lengths is not None:
+            row_shape[row_dim] = lengths[b]
+        row.narrow(row_dim, 0, row_shape[row_dim]).copy_(
+            torch.rand(row_shape, generator=row_generator, device=device) - 0.5
+        )
+    return noise
 
 
 def _sample_chunks(model: CalmModel, hidden: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -80,7 +102,7 @@ def calm_brier_estimates(
     ids: torch.Tensor,
     lengths: torch.Tensor | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise: torch.Tensor | None = None,
     rollout_noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +117,8 @@ def calm_brier_estimates(
     (x1's chunk is fed, two new samples drawn) for s - 1 steps.
 
     noise [2, B, n-1, noise_size] and rollout_noise [s-1, 2, B, P, noise_size] (P = calm_start_positions) replace
-    the draws from `generator` (uniform on [-0.5, 0.5)). Returns (estimates [B, P, 4], valid [B, P]): padded
-    positions are not valid.
+    the draws from `generator` (uniform on [-0.5, 0.5); one generator, or one per row: see _uniform_noise).
+    Returns (estimates [B, P, 4], valid [B, P]): padded positions are not valid.
     """
     k = model.config.chunk_size
     lengths = _check_lengths(ids, lengths, k)
@@ -106,8 +128,10 @@ def calm_brier_estimates(
     targets_count, steps = chunks - 1, rollout_steps(k)
     positions = calm_start_positions(chunks, k)
     noise_size, device = model.config.noise_size, model.device
+    row_lengths = (lengths // k).tolist()
     if noise is None:
-        noise = _uniform_noise((2, batch, targets_count, noise_size), generator, device)
+        row_targets_list = [max(0, n - 1) for n in row_lengths]
+        noise = _uniform_noise((2, batch, targets_count, noise_size), generator, device, 1, row_targets_list)
     _check_noise(noise, (2, batch, targets_count, noise_size), "noise")
     cache = model.new_cache(batch, targets_count) if steps > 1 else None
     hidden = model.hidden_states(ids[:, :-k], cache)
@@ -139,7 +163,10 @@ def calm_brier_estimates(
     hit_1 = (windows(samples[0]) == window_targets).float().cumprod(-1)
     hit_2 = (windows(samples[1]) == window_targets).float().cumprod(-1)
     if rollout_noise is None:
-        rollout_noise = _uniform_noise((steps - 1, 2, batch, positions, noise_size), generator, device)
+        row_positions_list = [max(0, n - 1 - steps) for n in row_lengths]
+        rollout_noise = _uniform_noise(
+            (steps - 1, 2, batch, positions, noise_size), generator, device, 2, row_positions_list
+        )
     _check_noise(rollout_noise, (steps - 1, 2, batch, positions, noise_size), "rollout_noise")
     same = torch.zeros(batch, positions, steps * k, dtype=torch.bool, device=device)
     for a in range(0, positions, width):
@@ -165,7 +192,7 @@ def token_brier_estimates(
     ids: torch.Tensor,
     lengths: torch.Tensor | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position Brier-1..4 estimates of a token-level model on right-padded blocks, as the official train_ar.py.
 
@@ -199,9 +226,15 @@ def token_brier_estimates(
     def distribution(states: torch.Tensor) -> torch.Tensor:
         return model.logits(states).float().log_softmax(-1)
 
-    def draw_pair(log_probs: torch.Tensor) -> torch.Tensor:  # [B, P, V] -> two draws [B, P, 2]
-        draws = torch.multinomial(log_probs.exp().flatten(0, 1), 2, replacement=True, generator=generator)
-        return draws.view(*log_probs.shape[:2], 2)
+    # Uniforms of every draw up front [3 draws, 2 samples, B, positions] (per row when generator is one per row):
+    # a draw is the inverse of the distribution's CDF at its uniform, so slicing the positions changes nothing.
+    row_positions = (lengths - MAX_NGRAM).clamp_min(0).tolist()
+    uniforms = _uniform_noise((MAX_NGRAM - 1, 2, batch, positions), generator, device, 2, row_positions)
+
+    def draw_pair(log_probs: torch.Tensor, n: int, a: int) -> torch.Tensor:  # [B, P, V] -> two draws [B, P, 2]
+        cdf = log_probs.exp().cumsum(-1)
+        u = (uniforms[n, :, :, a : a + log_probs.shape[1]] + 0.5).permute(1, 2, 0) * cdf[..., -1:]
+        return torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(log_probs.shape[-1] - 1)
 
     for a in range(0, hidden_positions, width):
         b = min(hidden_positions, a + width)
@@ -213,7 +246,7 @@ def token_brier_estimates(
         log_probs = log_probs[:, : b - a]
         collision[:, a:b, 0] = (2 * log_probs).exp().sum(-1)
         same[:, a:b, 0] = True
-        draws = draw_pair(log_probs)
+        draws = draw_pair(log_probs, 0, a)
         agree = (draws[..., 0] == draws[..., 1]) & valid[:, a:b]
         branches = BranchedContinuations(model.backbone, cache, a, b, MAX_NGRAM - 1)
         for n in range(1, MAX_NGRAM):
@@ -223,7 +256,7 @@ def token_brier_estimates(
             log_probs = distribution(branches.extend(model.backbone.embed_tokens(draws[..., 0])))
             collision[:, a:b, n] = (2 * log_probs).exp().sum(-1)
             if n < MAX_NGRAM - 1:
-                draws = draw_pair(log_probs)
+                draws = draw_pair(log_probs, n, a)
                 agree &= draws[..., 0] == draws[..., 1]
     accuracy = torch.stack([golden[:, m : m + positions] for m in range(MAX_NGRAM)], dim=-1).cumprod(-1)
     return 2 * accuracy - same.float() * collision, valid
@@ -234,7 +267,7 @@ def brier_estimates(
     ids: torch.Tensor,
     lengths: torch.Tensor | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """calm_brier_estimates or token_brier_estimates, by model type."""
     if isinstance(model, CalmModel):

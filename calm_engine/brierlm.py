@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from calm_engine.brier_estimates import MAX_NGRAM, brier_estimates, rollout_steps
+from calm_engine.distributed.group import Shard
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.token_llama import TokenLlama
 
@@ -32,7 +33,7 @@ class BrierLMConfig:
 
     block_size: tokens per block, capped at the model's context; the official default is 8192.
     batch_size: blocks per forward pass.
-    seed: seeds the generator of every sample.
+    seed: with a block's index, seeds the generator of the block's samples (block_generator).
     per_document: cut each document into its own blocks (the last one shorter, padded in the batch and masked out)
         instead of the official protocol: all documents concatenated, cut into equal blocks, the remainder dropped.
     """
@@ -81,6 +82,13 @@ class Progress:
     documents: int
     positions: int
     seconds: float
+
+
+def block_generator(seed: int, block: int, device) -> torch.Generator:
+    """The generator of block `block`'s samples: seeded by (seed, block index) through a 64-bit multiplicative hash
+    (the golden-ratio constant), so neighbouring blocks and seeds get unrelated streams."""
+    key = (seed * 0x9E3779B97F4A7C15 + block * 0xBF58476D1CE4E5B9) % (1 << 63)
+    return torch.Generator(device=device).manual_seed(key)
 
 
 def brierlm_score(briers: Sequence[float]) -> float:
@@ -152,10 +160,16 @@ def evaluate_brierlm(
     texts: Sequence[str],
     config: BrierLMConfig | None = None,
     progress: Callable[[Progress], None] | None = None,
+    shard: Shard | None = None,
 ) -> BrierLMResult:
     """BrierLM of a model on documents: tokenize (bos + text), cut into blocks, score every block, and average each
-    Brier-n over all scored positions (with the official equal-sized blocks that is the mean of the block means)."""
+    Brier-n over all scored positions (with the official equal-sized blocks that is the mean of the block means).
+
+    shard: this process's part of a data-parallel run (distributed/group.py): it scores every world_size-th block,
+    and every rank returns the whole result. progress is called on rank 0 only, with rank 0's blocks and documents.
+    """
     config = config or BrierLMConfig()
+    shard = shard or Shard()
     started = time.perf_counter()
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with tokenizer=<dir> or put one in the checkpoint")
@@ -168,28 +182,39 @@ def evaluate_brierlm(
         raise ValueError(
             f"{len(documents)} documents ({total} tokens) make no block of {block_size} tokens; lower the block size"
         )
+    # Each block's samples come from its own generator, seeded by (seed, block index): the value does not depend on
+    # how blocks are batched or on which rank scores them (a data-parallel run equals a single-process one).
     order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i]))  # similar lengths share a batch: less padding
-    generator = torch.Generator(device=model.device).manual_seed(config.seed)
+    mine = shard.take(order)
     pad = model.config.pad_token_id or 0
-    blocks_left = Counter(d for documents_of_block in owners for d in documents_of_block)  # per document
-    sums = torch.zeros(MAX_NGRAM, dtype=torch.float64)
-    positions = blocks_done = documents_done = 0
-    for first in range(0, len(order), config.batch_size):
-        indices = order[first : first + config.batch_size]
+    blocks_left = Counter(d for i in mine for d in owners[i])  # per document, of this rank's blocks
+    # Per-block sums, each filled by the one rank that scores the block, reduced, then added in block order: the
+    # same additions in the same order at any number of ranks, so the value is the same to the last bit.
+    block_sums = torch.zeros(len(blocks), MAX_NGRAM, dtype=torch.float64)
+    block_positions = torch.zeros(len(blocks), dtype=torch.int64)
+    blocks_done = documents_done = 0
+    for first in range(0, len(mine), config.batch_size):
+        indices = mine[first : first + config.batch_size]
         batch = [blocks[i] for i in indices]
         width = max(len(block) for block in batch)
         ids = torch.tensor([block + [pad] * (width - len(block)) for block in batch], device=model.device)
         lengths = torch.tensor([len(block) for block in batch], device=model.device)
-        estimates, valid = brier_estimates(model, ids, lengths, generator=generator)
-        sums += estimates[valid].double().sum(0).cpu()
-        positions += int(valid.sum())
+        generators = [block_generator(config.seed, i, model.device) for i in indices]
+        estimates, valid = brier_estimates(model, ids, lengths, generator=generators)
+        block_sums[indices] = torch.where(valid[..., None], estimates.double(), 0.0).sum(1).cpu()
+        block_positions[indices] = valid.sum(1).cpu()
         blocks_done += len(batch)
         for document in (d for i in indices for d in owners[i]):
             blocks_left[document] -= 1
             documents_done += blocks_left[document] == 0
-        if progress is not None:
+        if progress is not None and shard.is_main:
             elapsed = time.perf_counter() - started
-            progress(Progress(blocks_done, len(blocks), documents_done, len(documents), positions, elapsed))
+            positions = int(block_positions.sum())
+            progress(Progress(blocks_done, len(mine), documents_done, len(blocks_left), positions, elapsed))
+    shard.sum(block_sums)
+    shard.sum(block_positions)
+    sums = block_sums.sum(0)
+    positions = int(block_positions.sum())
     briers = (sums / positions).tolist()
     return BrierLMResult(
         *briers,

@@ -1,4 +1,5 @@
-"""`calm eval brierlm`: read a jsonl file of documents, score a checkpoint with calm_engine.brierlm, print the table."""
+"""`calm eval brierlm`: read a jsonl file of documents, score a checkpoint with calm_engine.brierlm, print the table.
+Under `torchrun --nproc-per-node N` each rank scores every N-th block and rank 0 prints the whole result."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from calm_engine.brierlm import DEFAULT_BLOCK_SIZE, MAX_NGRAM, BrierLMConfig, BrierLMResult, Progress, evaluate_brierlm
+from calm_engine.distributed.group import join_environment, local_device
 from calm_engine.model.checkpoint import default_model_path, load
 
 
@@ -118,12 +118,14 @@ def run_brierlm(args: argparse.Namespace) -> int:
             block_size=args.block_size, batch_size=args.batch_size, seed=args.seed, per_document=args.per_document
         )
         texts = read_texts(args.data, args.max_documents)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load(args.model_dir, dtype=args.dtype, device=device, tokenizer=args.tokenizer)
-        result = evaluate_brierlm(model, texts, config, progress=ProgressLine())
+        shard = join_environment()  # under torchrun: this rank's share of the blocks
+        model = load(args.model_dir, dtype=args.dtype, device=local_device(args.device), tokenizer=args.tokenizer)
+        result = evaluate_brierlm(model, texts, config, progress=ProgressLine(), shard=shard)
     except (OSError, ValueError) as error:
         print(f"calm eval brierlm: error: {error}", file=sys.stderr)
         return 2
+    if not shard.is_main:
+        return 0
     print(format_result(result, str(args.data)))
     if args.output is not None:
         scored = args.model_dir if args.model_dir is not None else default_model_path()

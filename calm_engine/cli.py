@@ -1,6 +1,7 @@
 """The `calm` command line.
 
 calm generate [PROMPT ...]   continue prompts (arguments, else lines of stdin) with the default or a given model
+calm generate --input prompts.jsonl --output out.jsonl   a file of prompts (under torchrun: sharded over the ranks)
 calm inspect PATH            config, parameter counts by component and dtype of a checkpoint
 calm serve                   an OpenAI-compatible HTTP server (calm_engine/serve/; needs `pip install -e '.[serve]'`)
 
@@ -19,12 +20,14 @@ from torch import nn
 
 import calm_engine
 from calm_engine.brierlm_cli import add_brierlm_arguments, run_brierlm
+from calm_engine.distributed.group import Shard, environment_world_size, join_environment, local_device
 from calm_engine.engine.llm_engine import LLM
 from calm_engine.model.autoencoder import Autoencoder
 from calm_engine.model.checkpoint import is_autoencoder_checkpoint, load, load_autoencoder
 from calm_engine.model.config import ConfigError
 from calm_engine.model.token_llama import TokenLlama
 from calm_engine.model.weight_files import CheckpointError, read_weights, resolve_device
+from calm_engine.prompt_file import generate_file, read_prompts, write_outputs
 from calm_engine.sampling_params import SamplingParams
 from calm_engine.tokenizer import TokenizerError
 
@@ -108,6 +111,13 @@ def inspect(path: Path, dtype: str) -> str:
 
 def generate(args: argparse.Namespace) -> None:
     """Continue every prompt; a single prompt streams to stdout as it is generated, several print when done."""
+    if args.input is not None or args.output is not None:
+        return generate_file_command(args)
+    if environment_world_size() > 1 and args.tensor_parallel_size == 1:
+        raise ValueError(
+            "under torchrun give the prompts as --input FILE --output FILE (each rank takes a share), or shard one "
+            "engine over the ranks with --tensor-parallel-size N"
+        )
     prompts = [_utf8_text(p, f"prompt argument {i + 1}") for i, p in enumerate(args.prompts)] or _stdin_prompts()
     if not prompts:
         raise ValueError("no prompt: give prompts as arguments or one per line on stdin")
@@ -128,7 +138,10 @@ def generate(args: argparse.Namespace) -> None:
         for i in range(len(prompts))
     ]
     device = resolve_device(args.device)
-    llm = LLM(args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(prompts)))
+    llm = LLM(
+        args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(prompts)),
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
     if llm.model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer, so it cannot take text prompts")
     if args.verbose:
@@ -139,6 +152,40 @@ def generate(args: argparse.Namespace) -> None:
     for i, output in enumerate(llm.generate(prompts, params)):
         separator = "\n" if i < len(prompts) - 1 else ""
         sys.stdout.write(f"{prompts[i]}{output.text}\n{separator}")
+
+
+def generate_file_command(args: argparse.Namespace) -> None:
+    """--input prompts.jsonl --output out.jsonl (prompt_file.py); under torchrun each rank takes every N-th prompt."""
+    if args.input is None or args.output is None or args.prompts:
+        raise ValueError("--input and --output go together, without prompt arguments")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    records = read_prompts(args.input)
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - len(records):
+        raise ValueError(f"--seed {args.seed}: prompt i uses seed + i, so it must be in [0, 2**63 - {len(records)}]")
+
+    def params_for(index: int, line_seed: int | None) -> SamplingParams:
+        seed = line_seed if line_seed is not None else None if args.seed is None else args.seed + index
+        return SamplingParams(
+            temperature=args.temperature, max_tokens=args.max_tokens, num_samples=args.num_samples, seed=seed
+        )
+
+    # Under torchrun: data parallel (each rank a shard of the prompts), or with --tensor-parallel-size N one engine
+    # over the N ranks (joined inside LLM; ranks > 0 serve rank 0 there and exit when it is done).
+    shard = join_environment() if args.tensor_parallel_size == 1 else Shard()
+    device = resolve_device(local_device(args.device))
+    llm = LLM(
+        args.model, device=device, dtype=args.dtype, max_batch_size=min(args.batch, len(records)),
+        tensor_parallel_size=args.tensor_parallel_size,
+    )  # fmt: skip
+    if args.verbose and shard.is_main:
+        print(llm.engine.describe(), file=sys.stderr)
+    try:
+        outputs = generate_file(llm, records, params_for, shard)
+    finally:
+        llm.close()
+    if outputs is not None:
+        write_outputs(args.output, outputs)
 
 
 def _utf8_text(text: str | bytes, where: str) -> str:
@@ -232,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a single prompt's output when done (a progress bar on a terminal)",
     )
+    generate_cmd.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks one engine is sharded over (default 1)"
+    )
+    generate_cmd.add_argument("--input", type=Path, default=None, help='a jsonl file of {"prompt": ...} lines')
+    generate_cmd.add_argument("--output", type=Path, default=None, help="write {prompt, output, ...} lines here")
     generate_cmd.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     generate_cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     generate_cmd.add_argument(
@@ -266,6 +318,9 @@ def add_serve_arguments(serve_cmd: argparse.ArgumentParser) -> None:
     serve_cmd.add_argument("--max-waiting", type=int, default=256, help="requests queued for a slot before 503s")
     serve_cmd.add_argument("--max-num-samples", type=int, default=4096, help="largest num_samples a request may ask")
     serve_cmd.add_argument("--max-body-size", type=int, default=1 << 20, help="bytes; larger bodies get 413")
+    serve_cmd.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="ranks the engine is sharded over (default 1)"
+    )
     serve_cmd.add_argument("--threads", type=int, default=None, help="engine threads (default: torch's)")
     serve_cmd.add_argument("--stream-interval", type=int, default=1, help="engine steps per streamed event")
     serve_cmd.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish running requests")

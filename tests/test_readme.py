@@ -20,10 +20,17 @@ def test_the_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs_as_written(index, tmp_path, monkeypatch):
+def test_readme_block_runs_as_written(index, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing a snippet might write lands in the repository
     namespace = {"__name__": f"readme_block_{index}"}
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), namespace)
+    if 'if __name__ == "__main__":' in BLOCKS[index]:  # a script (the tensor-parallel one): run its main
+        namespace["main"]()
+        if "tensor_parallel_size=2" in BLOCKS[index]:
+            from calm_engine import LLM, SamplingParams
+
+            one = LLM().generate(["def add(a, b):"], SamplingParams(max_tokens=16, seed=0), use_tqdm=False)[0].text
+            assert capsys.readouterr().out == one + "\n"
     # What the blocks' comments promise.
     if "encode_text" in BLOCKS[index]:
         assert namespace["text"] == "some text"

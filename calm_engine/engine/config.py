@@ -56,6 +56,12 @@ class EngineConfig:
       step_backend: "auto" (the policy), or force one: "torch" (every step in PyTorch), "native" (the C++ step for
         every T = 1 step, whatever the batch), "graph" (CUDA graphs for every decode step that fits a bucket).
       cpu_step_max_batch, cpu_prefill_max_chunks: the policy's limits for the C++ step under "auto" (measured).
+    More than one process (calm_engine/distributed/):
+      tensor_parallel_size: ranks that each hold a shard of the backbone and of the vocabulary projection; N > 1
+        starts N - 1 worker processes (or, under torchrun, joins its group). Only the PyTorch step runs sharded: the
+        C++ step and CUDA graphs are single-process (step_backend "native" / "graph" and use_cuda_graph=True are
+        refused with N > 1). The noise source must then be picklable (the workers draw the same noise).
+      parallel_timeout_s: how long rank 0 waits for a worker in a collective before the call raises.
     """
 
     max_batch_size: int = 64
@@ -74,6 +80,8 @@ class EngineConfig:
     step_backend: str = "auto"
     cpu_step_max_batch: int = CPU_STEP_MAX_BATCH
     cpu_prefill_max_chunks: int = CPU_PREFILL_MAX_CHUNKS
+    tensor_parallel_size: int = 1
+    parallel_timeout_s: float = 60.0
 
     def __post_init__(self):
         _positive("max_batch_size", self.max_batch_size)
@@ -109,6 +117,20 @@ class EngineConfig:
             raise ValueError("step_backend='graph' forces CUDA graphs, which use_cuda_graph=False turns off")
         _positive("cpu_step_max_batch", self.cpu_step_max_batch, minimum=0)
         _positive("cpu_prefill_max_chunks", self.cpu_prefill_max_chunks, minimum=0)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        timeout = self.parallel_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+            raise ValueError(f"parallel_timeout_s must be a positive number of seconds, got {timeout!r}")
+        if self.tensor_parallel_size > 1:
+            if self.step_backend in ("native", "graph"):
+                raise ValueError(
+                    f"step_backend={self.step_backend!r} runs in one process only; with tensor_parallel_size="
+                    f"{self.tensor_parallel_size} every step runs the PyTorch step (use 'auto' or 'torch')"
+                )
+            if self.use_cuda_graph:
+                raise ValueError(
+                    "use_cuda_graph=True: CUDA graphs run in one process only, not with tensor_parallel_size > 1"
+                )
 
     def describe(self) -> str:
         """The options that differ from their defaults, one line."""

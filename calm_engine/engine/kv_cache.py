@@ -28,9 +28,10 @@ class KVCacheError(ValueError):
     """The cache cannot be sized as asked."""
 
 
-def kv_cache_bytes(config: CalmConfig, slots: int, capacity: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes(config: CalmConfig, slots: int, capacity: int, dtype: torch.dtype, shards: int = 1) -> int:
     element = torch.empty((), dtype=dtype).element_size()
-    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * capacity * config.head_dim * element
+    kv_heads = config.num_key_value_heads // shards
+    per_slot = 2 * config.num_hidden_layers * kv_heads * capacity * config.head_dim * element
     return (slots + 1) * per_slot
 
 
@@ -43,7 +44,9 @@ class SlotKVCache:
         device: torch.device,
         dtype: torch.dtype,
         budget_bytes: int | None = None,
+        shards: int = 1,
     ):
+        """shards: tensor-parallel ranks; each holds kv_heads / shards heads (its query heads' groups)."""
         if slots < 1:
             raise KVCacheError(f"max_batch_size must be >= 1, got {slots}")
         if not 1 <= capacity <= config.max_chunks:
@@ -51,18 +54,19 @@ class SlotKVCache:
                 f"max_model_len must give between 1 and {config.max_chunks} chunks of K={config.chunk_size} tokens "
                 f"(the model's context is {config.max_chunks * config.chunk_size} tokens), got {capacity} chunks"
             )
-        needed = kv_cache_bytes(config, slots, capacity, dtype)
+        needed = kv_cache_bytes(config, slots, capacity, dtype, shards)
         if budget_bytes is not None and needed > budget_bytes:
-            fit = max(0, budget_bytes // kv_cache_bytes(config, 0, capacity, dtype) - 1)
+            fit = max(0, budget_bytes // kv_cache_bytes(config, 0, capacity, dtype, shards) - 1)
             raise KVCacheError(
                 f"the KV cache needs {needed / 2**30:.2f} GiB for max_batch_size={slots} x max_model_len="
                 f"{capacity * config.chunk_size} tokens, over the budget of {budget_bytes / 2**30:.2f} GiB; "
                 f"at this max_model_len at most {fit} requests fit: lower max_batch_size or max_model_len, or raise "
                 "kv_cache_memory"
             )
-        shape = (slots + 1, config.num_key_value_heads, capacity, config.head_dim)
+        shape = (slots + 1, config.num_key_value_heads // shards, capacity, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.config, self.shards = config, shards
         self.slots = slots
         self.capacity = capacity
         self.bytes = needed

@@ -64,9 +64,11 @@ class LLMEngine:
         self.engine_config = config
         self.chunk_size = model.config.chunk_size
         capacity = capacity_for(model.config, config.max_model_len)
+        # Under tensor parallelism each rank's cache holds its kv_heads / N heads.
         self.cache = SlotKVCache(
-            model.config, config.max_batch_size, capacity, model.device, model.dtype, config.kv_cache_memory
-        )
+            model.config, config.max_batch_size, capacity, model.device, model.dtype, config.kv_cache_memory,
+            shards=config.tensor_parallel_size,
+        )  # fmt: skip
         self.weights = ModelWeights.of(model)
         self.backends = build_backends(self.weights, self.cache, config)
         self.scheduler = Scheduler(config.max_batch_size)
@@ -83,6 +85,10 @@ class LLMEngine:
         return (
             f"calm-engine: {device_summary(self.weights)}; {self.backends.describe()}; {self.engine_config.describe()}"
         )
+
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (also at exit); a no-op for one process."""
+        self.backends.close()
 
     def backend_for(self, phase: Phase, rows: Sequence[StepRow]) -> StepBackend:
         """The backend the policy picks for this step (step/policy.py): what step() runs, and what benchmarks report."""
@@ -258,6 +264,16 @@ class LLM:
             model = load(model, device=device, dtype=dtype, tokenizer=tokenizer)
         self.model = model
         self.engine = LLMEngine(model, **engine_options)
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (tensor_parallel_size > 1); they also stop when this process exits."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(
         self,

@@ -129,6 +129,7 @@ def main(args) -> int:
         tokenizer=args.tokenizer,
         max_batch_size=args.max_batch_size,
         max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     warm_up(llm)
     return serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)

@@ -2,8 +2,9 @@
 
 Shared by the CALM step and the token-level one (they differ in how ids become backbone inputs and how the next ids
 are sampled). q/k/v and gate/up run as one product each; the rotary table is computed once for the cache's
-capacity; decode attention is the ops' (PyTorch or Triton, ops.py). Tested against the reference model
-(tests/engine/test_torch_step.py).
+capacity; decode attention is the ops' (PyTorch or Triton, ops.py). Under tensor parallelism the weights are one
+rank's shard (distributed/tensor_parallel.py) and ops.reduce sums the two output projections' partial results.
+Tested against the reference model (tests/engine/test_torch_step.py).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class SlotBackbone:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
             )
-            x = x + linear(out.transpose(1, 2).reshape(batch, steps, -1), layer.o)
-            x = x + gated_mlp(norm(x, layer.post_norm), layer.mlp)
+            x = x + self.ops.reduce(linear(out.transpose(1, 2).reshape(batch, steps, -1), layer.o))
+            x = x + self.ops.reduce(gated_mlp(norm(x, layer.post_norm), layer.mlp))
         last = x[torch.arange(batch, device=x.device), chunk_lengths - 1]
         return norm(last, self.weights.backbone.norm)
 
@@ -79,6 +80,6 @@ class SlotBackbone:
             keys, values = self.cache.keys[i], self.cache.values[i]
             keys[slots, :, positions] = qk[:, heads:]
             values[slots, :, positions] = qkv[:, heads + kv_heads :]
-            x = x + linear(self.ops.decode_attention(qk[:, :heads], keys, values, meta), layer.o)
-            x = x + gated_mlp(norm(x, layer.post_norm), layer.mlp)
+            x = x + self.ops.reduce(linear(self.ops.decode_attention(qk[:, :heads], keys, values, meta), layer.o))
+            x = x + self.ops.reduce(gated_mlp(norm(x, layer.post_norm), layer.mlp))
         return norm(x, self.weights.backbone.norm)

@@ -56,7 +56,15 @@ class TorchOps:
 
     def decode_argmax(self, decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
         """latents [M, latent] -> greedy ids [M, K]."""
-        return decode_argmax_ref(decoder, latents)[0]
+        return self.decode_argmax_max(decoder, latents)[0]
+
+    def decode_argmax_max(self, decoder: Decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents [M, latent] -> (greedy ids [M, K], their logits [M, K]): what a vocabulary shard reports."""
+        return decode_argmax_ref(decoder, latents)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of an output projection's partial results over tensor-parallel ranks: one rank has them all."""
+        return partial
 
     def decode_attention_metadata(
         self, positions: torch.Tensor, slots: torch.Tensor, attend: int, first_slot: int | None
@@ -96,8 +104,8 @@ class TritonOps(TorchOps):
             return super().head(head, hidden, seeds, counters, samples, noise)
         return energy_head(head, hidden, seeds, counters, samples)  # the same Philox noise, drawn in the kernel
 
-    def decode_argmax(self, decoder: Decoder, latents: torch.Tensor) -> torch.Tensor:
-        return decode_argmax(decoder, latents)[0]
+    def decode_argmax_max(self, decoder: Decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_argmax(decoder, latents)
 
     def decode_attention_metadata(
         self, positions: torch.Tensor, slots: torch.Tensor, attend: int, first_slot: int | None

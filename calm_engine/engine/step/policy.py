@@ -8,6 +8,8 @@ The rule under step_backend="auto":
   config.py), unless CUDA graphs are on;
 - else a decode step through a CUDA graph when graphs are on and a bucket holds the batch;
 - else the PyTorch step (with the Triton kernels where use_kernels resolved to True).
+With tensor_parallel_size > 1 the PyTorch step, sharded (distributed/), is the only backend built: the C++ step and
+CUDA graphs run in one process only.
 """
 
 from __future__ import annotations
@@ -52,9 +54,21 @@ class Backends:
                          f"{self.graph.buckets})")  # fmt: skip
         return "backends: " + ", ".join(parts)
 
+    def close(self) -> None:
+        """Stop what the backends started (a tensor-parallel step's worker processes); idempotent."""
+        close = getattr(self.torch, "close", None)
+        if close is not None:
+            close()
+
 
 def build_backends(weights: ModelWeights, cache: SlotKVCache, config: EngineConfig) -> Backends:
+    """The backends of an engine. With tensor_parallel_size > 1 only the PyTorch step, sharded over the ranks
+    (distributed/workers.py), which checks the sizes before any process starts."""
     device = weights.device
+    if config.tensor_parallel_size > 1:
+        from calm_engine.distributed.workers import build_parallel_step  # torch.distributed only where it is used
+
+        return Backends(build_parallel_step(weights, cache, config), None, None)
     noise = config.noise or philox_noise
     use_kernels = config.use_kernels
     if use_kernels is None:
