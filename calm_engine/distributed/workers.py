@@ -251,7 +251,7 @@ def build_parallel_step(weights: ModelWeights, cache: SlotKVCache, config) -> Pa
             )
             process.start()
             processes.append(process)
-        _wait_for_workers(store, processes, config.parallel_timeout_s)
+        _wait_for_workers(store, processes, max(config.parallel_timeout_s, WORKER_START_TIMEOUT_S))
         for process in processes:
             process._args = ()  # a ready worker holds its shard: rank 0 drops its reference to the host copy
         dist.init_process_group(_backend(device), store=store, rank=0, world_size=size, timeout=timeout)
@@ -260,6 +260,12 @@ def build_parallel_step(weights: ModelWeights, cache: SlotKVCache, config) -> Pa
         raise
     group = WorkerGroup(size, processes, owns_group=True, device=device)
     return _rank_step(shard_weights(weights, 0, size), cache, config, 0, size, group)
+
+
+# Start-up has its own bound: a spawned worker imports torch and this package first, which takes tens of seconds on
+# a busy 2-core machine (a 3 s parallel_timeout_s failed there at start-up); a worker that dies meanwhile is named at
+# once.
+WORKER_START_TIMEOUT_S = 120.0
 
 
 def _wait_for_workers(store, processes: list, timeout_s: float) -> None:

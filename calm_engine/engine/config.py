@@ -61,7 +61,8 @@ class EngineConfig:
         starts N - 1 worker processes (or, under torchrun, joins its group). Only the PyTorch step runs sharded: the
         C++ step and CUDA graphs are single-process (step_backend "native" / "graph" and use_cuda_graph=True are
         refused with N > 1). The noise source must then be picklable (the workers draw the same noise).
-      parallel_timeout_s: how long rank 0 waits for a worker in a collective before the call raises.
+      parallel_timeout_s: how long rank 0 waits for a worker in a collective before the call raises (start-up: at
+        least distributed/workers.py's WORKER_START_TIMEOUT_S).
     """
 
     max_batch_size: int = 64
