@@ -17,13 +17,14 @@ import uuid
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from calm_engine.sampling_params import SamplingParams
 from calm_engine.serve import protocol
 from calm_engine.serve.config import ServeConfig
 from calm_engine.serve.engine_loop import EngineFailed, EngineLoop, NotAccepting, QueueFull, RequestHandle
 from calm_engine.serve.errors import APIError
+from calm_engine.serve.event_stream import EventStream
 from calm_engine.serve.metrics import ServerMetrics
 from calm_engine.serve.text_stream import ChoiceText
 
@@ -33,6 +34,7 @@ OPENAI_DEFAULT_MAX_TOKENS = 16
 SEED_MODULUS = 2**63  # SamplingParams takes seeds in [0, 2**63)
 # Parameters an engine or SamplingParams message may start with, so a 400 can name the one at fault.
 KNOWN_PARAMS = ("temperature", "max_tokens", "num_samples", "seed", "sampler", "stop", "prompt")
+DONE = "data: [DONE]\n\n"
 
 
 def completion_room(prompt_tokens: int, patch_size: int, capacity: int) -> int:
@@ -213,9 +215,7 @@ class CompletionService:
 
     async def _next(self, handle: RequestHandle, job: Job) -> dict[int, list]:
         """Wait for outputs, take all that are queued; returns {choice index: [text delta, finish reason, steps]}."""
-        items = [await handle.outputs.get()]
-        while not handle.outputs.empty():
-            items.append(handle.outputs.get_nowait())
+        items = await handle.outputs.take_all()
         if job.first_output is None:
             job.first_output = time.perf_counter()
             self.metrics.first_chunk.observe(job.first_output - job.arrived)
@@ -257,18 +257,20 @@ class CompletionService:
         return JSONResponse(body)
 
     async def _stream(self, handle: RequestHandle, job: Job, echo: bool, include_usage: bool):
-        """One event per choice and step, or per `stream_interval` steps (the first text and the end at once)."""
+        """Yields (events, last) for EventStream: one event per choice and step, or per `stream_interval` steps (the
+        first text and the end at once); the last text, the usage and [DONE] go together, in one write."""
         encoder = protocol.ChunkEncoder(job.completion_id, job.created, self.config.model_id, include_usage)
         interval = self.config.stream_interval
         held: dict[int, list] = {c.index: ["", 0, False] for c in job.choices}  # text, steps, any text sent
         try:
             if echo:
-                yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices)
+                yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices).encode(), False
             while job.unfinished:
                 try:
                     updates = await self._next(handle, job)
                 except EngineFailed as error:
-                    yield f"data: {protocol.to_json({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
+                    failure = {"error": {"message": str(error), "type": "server_error"}}
+                    yield f"data: {protocol.to_json(failure)}\n\n".encode(), True
                     return
                 events = []
                 for index, (text, reason, steps) in updates.items():
@@ -278,11 +280,13 @@ class CompletionService:
                     if reason is not None or (pending[0] and (pending[1] >= interval or not pending[2])):
                         events.append(encoder.choice(index, pending[0], reason))
                         pending[:] = ["", 0, pending[2] or bool(pending[0])]
-                if events:
-                    yield "".join(events)
-            if include_usage:
-                yield encoder.usage(job.usage())
-            yield "data: [DONE]\n\n"
+                if not job.unfinished:
+                    if include_usage:
+                        events.append(encoder.usage(job.usage()))
+                    events.append(DONE)
+                    yield "".join(events).encode(), True
+                elif events:
+                    yield "".join(events).encode(), False
         finally:
             self._finish(handle, job)
 
@@ -314,22 +318,6 @@ class CompletionService:
             (now - job.arrived) * 1e3,
             reasons,
         )
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that call `on_close` however the response ends: a disconnect noticed before the first
-    event can cancel the response before its generator first runs, and then the generator's own `finally` never
-    does, so it alone cannot be relied on to abort the request."""
-
-    def __init__(self, events, on_close):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
 
 
 async def _wait_for_disconnect(http: Request) -> None:
