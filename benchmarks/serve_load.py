@@ -89,9 +89,9 @@ class OthersLoad:
         self.share = max(0.0, busy - own) / (wall * os.cpu_count())
 
 
-async def lean_streams(host: str, port: int, requests: list[dict], concurrency: int) -> list[tuple[float, list, str]]:
+async def lean_streams(host: str, port: int, requests: list[dict], concurrency: int) -> list[StreamResult]:
     """Each request streamed by one of `concurrency` clients (each its requests one after another on one keep-alive
-    connection): (time to first text, gaps between text chunks, text) in request order."""
+    connection), in request order, as received (parsed later: stream_stats)."""
     pending = iter(range(len(requests)))
     results: list = [None] * len(requests)
 
@@ -104,11 +104,12 @@ async def lean_streams(host: str, port: int, requests: list[dict], concurrency: 
             connection.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return [(r.first_s, r.gaps_s, r) for r in results]
+    return results
 
 
 async def openai_streams(url: str, requests: list[dict], concurrency: int) -> list[tuple[float, list, str]]:
-    """As lean_streams, through the official openai client."""
+    """As lean_streams, through the official openai client, each parsed as it arrives: (time to first text, gaps
+    between text chunks, text)."""
     import openai
 
     pending = iter(range(len(requests)))
@@ -142,13 +143,18 @@ def server_run(url: str, requests: list[dict], concurrency: int, client: str = "
     start = time.perf_counter()
     results = run_async(streams())
     elapsed = time.perf_counter() - start
-    tokens = sum(r["max_tokens"] for r in requests)  # ignore_eos: each request generates max_tokens (checked below)
+    tokens = sum(r["max_tokens"] for r in requests)  # ignore_eos: each request generates max_tokens (checked later)
+    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed, "results": results}
+
+
+def stream_stats(results: list) -> dict:
+    """Time to first text, gaps between text chunks and text of each stream: lean streams are parsed here, after
+    the run and outside its CPU accounting."""
+    parsed = [(r.first_s, r.gaps_s, text_of(r)) if isinstance(r, StreamResult) else r for r in results]
     return {
-        "tokens_per_s": tokens / elapsed,
-        "first_chunk_s": [r[0] for r in results],
-        "inter_chunk_s": [g for r in results for g in r[1]],
-        "seconds": elapsed,
-        "streams": [r[2] for r in results],  # parsed after the run (text_of), outside its CPU accounting
+        "first_chunk_s": [p[0] for p in parsed],
+        "inter_chunk_s": [g for p in parsed for g in p[1]],
+        "texts": [p[2] for p in parsed],
     }
 
 
@@ -210,10 +216,11 @@ def measure(url: str, pid: int, requests: list[dict], concurrency: int, client: 
         served = server_run(url, requests, concurrency, client)
     served["others"] = others.share
     main_after, all_after = thread_cpu_s(pid)
+    client_cpu = time.process_time() - client_before
+    served |= stream_stats(served.pop("results"))
     events = len(served["inter_chunk_s"]) + len(requests)
     served["http_cpu_us_per_event"] = 1e6 * (main_after - main_before) / events
-    served["client_cpu_us_per_event"] = 1e6 * (time.process_time() - client_before) / events
-    served["texts"] = [s if isinstance(s, str) else text_of(s) for s in served.pop("streams")]
+    served["client_cpu_us_per_event"] = 1e6 * client_cpu / events
     return served
 
 

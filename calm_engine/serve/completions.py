@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -35,6 +35,9 @@ SEED_MODULUS = 2**63  # SamplingParams takes seeds in [0, 2**63)
 # Parameters an engine or SamplingParams message may start with, so a 400 can name the one at fault.
 KNOWN_PARAMS = ("temperature", "max_tokens", "num_samples", "seed", "sampler", "stop", "prompt")
 DONE = "data: [DONE]\n\n"
+# Completion ids: 128 random bits, as uuid4 has, from a generator seeded once from os.urandom (uuid4 reads
+# os.urandom for every request: a system call, ~17 us on this machine's VM).
+_ids = random.Random()
 
 
 def completion_room(prompt_tokens: int, patch_size: int, capacity: int) -> int:
@@ -53,6 +56,9 @@ class Choice:
     prompt_text: str | None = None  # echoed before the completion when `echo`
     tokens: int = 0
     finish_reason: str | None = None
+    held: str = ""  # text not streamed yet (stream_interval)
+    held_steps: int = 0  # steps whose text is in `held`
+    streamed_text: bool = False  # some text was streamed already
 
 
 @dataclass
@@ -89,6 +95,9 @@ class CompletionService:
         self.patch_size = engine.patch_size
         self.capacity = engine.cache.capacity
         self.eos_ids = frozenset(engine.config.eos_token_ids)
+        # Streams decode through the tokenizer's byte table where it has one that covers the model's ids.
+        table = tokenizer.token_bytes() if hasattr(tokenizer, "token_bytes") else None
+        self.token_bytes = table if table is not None and len(table) >= engine.config.vocab_size else None
 
     @property
     def max_model_len(self) -> int:
@@ -185,12 +194,12 @@ class CompletionService:
         return params
 
     def _job(self, body: protocol.CompletionRequest, prompts: list[list[int]], arrived: float) -> Job:
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        completion_id = f"cmpl-{_ids.getrandbits(128):032x}"
         choices = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
-                text = ChoiceText(self.tokenizer, body.stop, self.eos_ids)
+                text = ChoiceText(self.tokenizer, body.stop, self.eos_ids, self.token_bytes)
                 choices.append(Choice(index, f"{completion_id}-{index}", text, ids))
         return Job(completion_id, int(time.time()), arrived, sum(len(ids) for ids in prompts), choices)
 
@@ -213,28 +222,29 @@ class CompletionService:
 
     # ---- engine outputs -> answers ----------------------------------------------------------------------------
 
-    async def _next(self, handle: RequestHandle, job: Job) -> dict[int, list]:
-        """Wait for outputs, take all that are queued; returns {choice index: [text delta, finish reason, steps]}."""
+    async def _next(self, handle: RequestHandle, job: Job) -> list[Choice]:
+        """Wait for outputs and apply all that are queued: each choice's new text is added to its `held` text, and
+        its finish reason set when it ends. Returns the choices that advanced."""
         items = await handle.outputs.take_all()
         if job.first_output is None:
             job.first_output = time.perf_counter()
             self.metrics.first_chunk.observe(job.first_output - job.arrived)
-        updates: dict[int, list[str | None]] = {}
+        advanced: dict[int, Choice] = {}
         for item in items:
             if isinstance(item, BaseException):
                 raise item
             for output in item:
                 choice = job.by_request_id[output.request_id]
-                update = updates.setdefault(choice.index, ["", None, 0])
-                update[2] += 1
+                advanced[choice.index] = choice
+                choice.held_steps += 1
                 if output.finish_reason != "abort":  # an abort carries no ids: the choice keeps what it had
                     choice.tokens = len(output.token_ids)
                 if not output.finished:
-                    update[0] += choice.text.add(output.new_token_ids)
+                    choice.held += choice.text.add(output.new_token_ids)
                 else:  # the final text, cut before a stop string that this step's ids may have completed
-                    update[0] += choice.text.finish(None if output.finish_reason == "abort" else output.text)
-                    choice.finish_reason = update[1] = output.finish_reason
-        return updates
+                    choice.held += choice.text.finish(None if output.finish_reason == "abort" else output.text)
+                    choice.finish_reason = output.finish_reason
+        return list(advanced.values())
 
     async def _collect(self, handle: RequestHandle, job: Job, http: Request) -> JSONResponse:
         disconnected = asyncio.ensure_future(_wait_for_disconnect(http))
@@ -261,25 +271,24 @@ class CompletionService:
         first text and the end at once); the last text, the usage and [DONE] go together, in one write."""
         encoder = protocol.ChunkEncoder(job.completion_id, job.created, self.config.model_id, include_usage)
         interval = self.config.stream_interval
-        held: dict[int, list] = {c.index: ["", 0, False] for c in job.choices}  # text, steps, any text sent
         try:
             if echo:
                 yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices).encode(), False
             while job.unfinished:
                 try:
-                    updates = await self._next(handle, job)
+                    advanced = await self._next(handle, job)
                 except EngineFailed as error:
                     failure = {"error": {"message": str(error), "type": "server_error"}}
                     yield f"data: {protocol.to_json(failure)}\n\n".encode(), True
                     return
                 events = []
-                for index, (text, reason, steps) in updates.items():
-                    pending = held[index]
-                    pending[0] += text
-                    pending[1] += steps
-                    if reason is not None or (pending[0] and (pending[1] >= interval or not pending[2])):
-                        events.append(encoder.choice(index, pending[0], reason))
-                        pending[:] = ["", 0, pending[2] or bool(pending[0])]
+                for choice in advanced:
+                    if choice.finish_reason is not None or (
+                        choice.held and (choice.held_steps >= interval or not choice.streamed_text)
+                    ):
+                        events.append(encoder.choice(choice.index, choice.held, choice.finish_reason))
+                        choice.streamed_text = choice.streamed_text or bool(choice.held)
+                        choice.held, choice.held_steps = "", 0
                 if not job.unfinished:
                     if include_usage:
                         events.append(encoder.usage(job.usage()))

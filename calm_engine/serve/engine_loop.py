@@ -41,9 +41,10 @@ class Mailbox:
     most one waiting future. An asyncio.Queue does the same for any number of readers and writers, at several times
     the cost per item, and a 64-stream load delivers an item per stream every few milliseconds."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_loop", "_items", "_waiter")
 
-    def __init__(self):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop  # not asyncio.get_running_loop() per wait: on Python 3.11 each call is a getpid() syscall
         self._items: list = []
         self._waiter: asyncio.Future | None = None
 
@@ -75,7 +76,7 @@ class Mailbox:
         return items
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:  # also when cancelled: put_nowait must not wake a reader that left
@@ -91,7 +92,7 @@ class RequestHandle:
         self.request_ids = request_ids
         self.accepted: asyncio.Future = loop.create_future()
         self.failed_at: int | None = None  # which engine request the engine refused, if it refused one
-        self.outputs = Mailbox()
+        self.outputs = Mailbox(loop)
 
 
 @dataclass(frozen=True, slots=True)

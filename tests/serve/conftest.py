@@ -84,9 +84,9 @@ class ServerProcess:
             time.sleep(0.02)
         pytest.fail(f"no server output line contains {text!r} after {timeout} s")
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send `sig` and wait for the exit status (killed after STOP_TIMEOUT_S)."""
-        if self.process.poll() is None:
+    def stop(self, sig: int | None = signal.SIGTERM) -> int:
+        """Send `sig` (None: none, one was sent already) and wait for the exit status (killed after STOP_TIMEOUT_S)."""
+        if sig is not None and self.process.poll() is None:
             self.process.send_signal(sig)
         try:
             return self.process.wait(STOP_TIMEOUT_S)
