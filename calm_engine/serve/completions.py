@@ -73,9 +73,11 @@ class Job:
     by_request_id: dict[str, Choice] = field(default_factory=dict)
     first_output: float | None = None
     closed: bool = False
+    running: int = 0  # choices without a finish reason (checked after every step: a count, not a scan)
 
     def __post_init__(self):
         self.by_request_id = {c.request_id: c for c in self.choices}
+        self.running = len(self.choices)
 
     @property
     def unfinished(self) -> list[str]:
@@ -222,10 +224,11 @@ class CompletionService:
 
     # ---- engine outputs -> answers ----------------------------------------------------------------------------
 
-    async def _next(self, handle: RequestHandle, job: Job) -> list[Choice]:
-        """Wait for outputs and apply all that are queued: each choice's new text is added to its `held` text, and
-        its finish reason set when it ends. Returns the choices that advanced."""
-        items = await handle.outputs.take_all()
+    async def _next(self, handle: RequestHandle, job: Job, steps: int = 1) -> list[Choice]:
+        """Wait for outputs of `steps` steps (or for one that finishes a choice) and apply all that are queued: each
+        choice's new text is added to its `held` text, and its finish reason set when it ends. Returns the choices
+        that advanced."""
+        items = await handle.outputs.take_all(steps)
         if job.first_output is None:
             job.first_output = time.perf_counter()
             self.metrics.first_chunk.observe(job.first_output - job.arrived)
@@ -243,13 +246,15 @@ class CompletionService:
                     choice.held += choice.text.add(output.new_token_ids)
                 else:  # the final text, cut before a stop string that this step's ids may have completed
                     choice.held += choice.text.finish(None if output.finish_reason == "abort" else output.text)
+                    if choice.finish_reason is None:
+                        job.running -= 1
                     choice.finish_reason = output.finish_reason
         return list(advanced.values())
 
     async def _collect(self, handle: RequestHandle, job: Job, http: Request) -> JSONResponse:
         disconnected = asyncio.ensure_future(_wait_for_disconnect(http))
         try:
-            while job.unfinished:
+            while job.running:
                 waiter = asyncio.ensure_future(self._next(handle, job))
                 await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
                 if not waiter.done():
@@ -274,9 +279,15 @@ class CompletionService:
         try:
             if echo:
                 yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices).encode(), False
-            while job.unfinished:
+            while job.running:
+                # Wake when some choice's text is due: the first text at once, then every `interval` steps.
+                due = 1
+                if interval > 1:
+                    due = min(
+                        interval - c.held_steps if c.streamed_text else 1 for c in job.choices if not c.finish_reason
+                    )
                 try:
-                    advanced = await self._next(handle, job)
+                    advanced = await self._next(handle, job, due)
                 except EngineFailed as error:
                     failure = {"error": {"message": str(error), "type": "server_error"}}
                     yield f"data: {protocol.to_json(failure)}\n\n".encode(), True
@@ -289,7 +300,7 @@ class CompletionService:
                         events.append(encoder.choice(choice.index, choice.held, choice.finish_reason))
                         choice.streamed_text = choice.streamed_text or bool(choice.held)
                         choice.held, choice.held_steps = "", 0
-                if not job.unfinished:
+                if not job.running:
                     if include_usage:
                         events.append(encoder.usage(job.usage()))
                     events.append(DONE)

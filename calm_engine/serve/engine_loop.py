@@ -39,20 +39,28 @@ class EngineFailed(Exception):
 class Mailbox:
     """What the engine thread delivered to one request, waiting for its one reader on the event loop: a list and at
     most one waiting future. An asyncio.Queue does the same for any number of readers and writers, at several times
-    the cost per item, and a 64-stream load delivers an item per stream every few milliseconds."""
+    the cost per item, and a 64-stream load delivers an item per stream every few milliseconds.
 
-    __slots__ = ("_loop", "_items", "_waiter")
+    A reader may wait for several items at once (take_all(wanted)): a stream that sends its text every few steps
+    (stream_interval) is then woken once per event rather than once per step. An item put with `urgent` (a request
+    finished, or the engine failed) wakes the reader however many it wanted."""
+
+    __slots__ = ("_loop", "_items", "_waiter", "_wanted", "_urgent")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop  # not asyncio.get_running_loop() per wait: on Python 3.11 each call is a getpid() syscall
         self._items: list = []
         self._waiter: asyncio.Future | None = None
+        self._wanted = 1
+        self._urgent = False
 
-    def put_nowait(self, item) -> None:
+    def put_nowait(self, item, urgent: bool = True) -> None:
         self._items.append(item)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._urgent = self._urgent or urgent
+        if self._waiter is not None and (self._urgent or len(self._items) >= self._wanted):
+            waiter, self._waiter = self._waiter, None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def empty(self) -> bool:
         return not self._items
@@ -65,18 +73,19 @@ class Mailbox:
     async def get(self):
         """The oldest item, once there is one."""
         while not self._items:
-            await self._wait()
+            await self._wait(1)
         return self._items.pop(0)
 
-    async def take_all(self) -> list:
-        """Every item delivered so far, oldest first, once there is at least one."""
-        while not self._items:
-            await self._wait()
-        items, self._items = self._items, []
+    async def take_all(self, wanted: int = 1) -> list:
+        """Every item delivered so far, oldest first, once there are `wanted` (at least one) or an urgent one."""
+        wanted = max(1, wanted)
+        while len(self._items) < wanted and not (self._urgent and self._items):
+            await self._wait(wanted)
+        items, self._items, self._urgent = self._items, [], False
         return items
 
-    async def _wait(self) -> None:
-        self._waiter = self._loop.create_future()
+    async def _wait(self, wanted: int) -> None:
+        self._waiter, self._wanted = self._loop.create_future(), wanted
         try:
             await self._waiter
         finally:  # also when cancelled: put_nowait must not wake a reader that left
@@ -309,4 +318,5 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
 
 def _deliver(groups: dict[RequestHandle, list[RequestOutput] | BaseException]) -> None:
     for handle, item in groups.items():
-        handle.outputs.put_nowait(item)
+        urgent = isinstance(item, BaseException) or any(output.finished for output in item)
+        handle.outputs.put_nowait(item, urgent)
