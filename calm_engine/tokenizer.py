@@ -3,6 +3,9 @@
 Both expose `encode(text) -> list[int]`, `decode(ids) -> str` and `vocab_size`. Text that spells a special token
 (e.g. "<|end_of_text|>") encodes to that token, as Hugging Face tokenizers do. Decoding is byte-exact: no
 "clean-up" of spaces before punctuation (transformers' `clean_up_tokenization_spaces` would alter the text).
+
+`token_bytes()` gives each id's bytes where decoding is byte-level (decode(ids) is the UTF-8 decoding, invalid bytes
+replaced, of their concatenation), so that a stream can be decoded incrementally without calling decode per step.
 """
 
 from __future__ import annotations
@@ -50,6 +53,22 @@ class HuggingFaceTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self) -> list[bytes] | None:
+        """Each id's bytes if the decoder is byte-level (GPT-2 style: every byte spelled as one character) and each
+        id decodes alone to its bytes' text; else None."""
+        from tokenizers import decoders
+
+        if not isinstance(self._tokenizer.decoder, decoders.ByteLevel):
+            return None
+        byte_of = {char: byte for byte, char in enumerate(byte_level_alphabet())}
+        table = []
+        for token_id in range(self.vocab_size):
+            token = self._tokenizer.id_to_token(token_id)
+            if token is None or any(char not in byte_of for char in token):
+                return None
+            table.append(bytes(byte_of[char] for char in token))
+        return table if _decodes_alone(self, table) else None
+
 
 class TiktokenTokenizer:
     """A tiktoken BPE file (`tokenizer.model`: one "base64-token rank" per line), as the Llama-3 tokenizer ships.
@@ -83,6 +102,35 @@ class TiktokenTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._encoding.decode(list(ids))
+
+    def token_bytes(self) -> list[bytes] | None:
+        """Each id's bytes (tiktoken decodes by concatenating them); None if some id below vocab_size has none."""
+        try:
+            table = [self._encoding.decode_single_token_bytes(token_id) for token_id in range(self.vocab_size)]
+        except KeyError:
+            return None
+        return table if _decodes_alone(self, table) else None
+
+
+def byte_level_alphabet() -> list[str]:
+    """The character that spells each byte 0..255 in byte-level BPE vocabularies (GPT-2's scheme): printable Latin-1
+    bytes stand for themselves, the others take the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
+    kept = set(printable)
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in kept:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
+
+
+def _decodes_alone(tokenizer, table: list[bytes]) -> bool:
+    """Every id decoded alone gives the text of its bytes: a check that the table describes this decoder."""
+    return all(tokenizer.decode([i]) == data.decode("utf-8", "replace") for i, data in enumerate(table))
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:

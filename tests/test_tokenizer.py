@@ -122,3 +122,36 @@ def test_text_helpers(tmp_path, hf_tokenizer_dir):
     with_llama3 = calm_engine.load(shared_path("conformance", "calm"), tokenizer=shared_path("tokenizers", "llama3"))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         with_llama3.encode_text("Hello world, this is more than the fixture's 512 ids")
+
+
+def random_ids(tokenizer, rng, count: int) -> list[list[int]]:
+    """Id sequences of any ids (lone UTF-8 bytes, special tokens) and of text with multi-byte characters."""
+    texts = [tokenizer.encode(t) for t in SAMPLES]
+    return texts + [[rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("which", ["llama3", "hf", "default"])
+def test_token_bytes_decode_as_the_tokenizer(which, llama3, hf_tokenizer_dir):
+    """decode(ids) is the UTF-8 text (invalid bytes replaced) of the ids' bytes joined, for any ids."""
+    import random
+
+    from calm_engine.model.checkpoint import default_model_path
+
+    tokenizer = {
+        "llama3": lambda: llama3,
+        "hf": lambda: find_tokenizer(hf_tokenizer_dir),
+        "default": lambda: load_tokenizer(default_model_path()),
+    }[which]()
+    table = tokenizer.token_bytes()
+    assert table is not None and len(table) == tokenizer.vocab_size
+    for ids in random_ids(tokenizer, random.Random(which), 300):
+        assert b"".join(table[i] for i in ids).decode("utf-8", "replace") == tokenizer.decode(ids)
+
+
+def test_token_bytes_only_for_byte_level_decoders(tmp_path, hf_tokenizer_dir):
+    from tokenizers import Tokenizer, decoders
+
+    tokenizer = Tokenizer.from_file(str(hf_tokenizer_dir / "tokenizer.json"))
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert find_tokenizer(tmp_path).token_bytes() is None

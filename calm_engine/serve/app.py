@@ -46,7 +46,6 @@ def create_app(loop: EngineLoop, tokenizer, config: ServeConfig, metrics: Server
     if config.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key, on_reject=metrics.count_rejected)
 
-    @app.post("/v1/completions")
     async def completions(http: Request):
         data = await read_json_body(http, config.max_body_bytes)
         try:
@@ -54,6 +53,10 @@ def create_app(loop: EngineLoop, tokenizer, config: ServeConfig, metrics: Server
         except ValidationError as error:
             raise bad_request_from(error) from None
         return await service.create(body, http)
+
+    # A plain Starlette route: the endpoint reads and validates its own body, FastAPI's parameter handling would
+    # only add work to every request, and a streamed answer (EventStream) is an ASGI app rather than a Response.
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     def card() -> dict:
         return protocol.model_card(config.model_id, created, service.max_model_len)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from calm_engine.sampling_params import SamplingParams
 from calm_engine.serve import protocol
 from calm_engine.serve.config import ServeConfig
 from calm_engine.serve.engine_loop import EngineFailed, EngineLoop, NotAccepting, QueueFull, RequestHandle
 from calm_engine.serve.errors import APIError
+from calm_engine.serve.event_stream import EventStream
 from calm_engine.serve.metrics import ServerMetrics
 from calm_engine.serve.text_stream import ChoiceText
 
@@ -33,6 +34,10 @@ OPENAI_DEFAULT_MAX_TOKENS = 16
 SEED_MODULUS = 2**63  # SamplingParams takes seeds in [0, 2**63)
 # Parameters an engine or SamplingParams message may start with, so a 400 can name the one at fault.
 KNOWN_PARAMS = ("temperature", "max_tokens", "num_samples", "seed", "sampler", "stop", "prompt")
+DONE = "data: [DONE]\n\n"
+# Completion ids: 128 random bits, as uuid4 has, from a generator seeded once from os.urandom (uuid4 reads
+# os.urandom for every request: a system call, ~17 us on this machine's VM).
+_ids = random.Random()
 
 
 def completion_room(prompt_tokens: int, chunk_size: int, capacity: int) -> int:
@@ -51,6 +56,9 @@ class Choice:
     prompt_text: str | None = None  # echoed before the completion when `echo`
     tokens: int = 0
     finish_reason: str | None = None
+    held: str = ""  # text not streamed yet (stream_interval)
+    held_steps: int = 0  # steps whose text is in `held`
+    streamed_text: bool = False  # some text was streamed already
 
 
 @dataclass
@@ -65,9 +73,11 @@ class Job:
     by_request_id: dict[str, Choice] = field(default_factory=dict)
     first_output: float | None = None
     closed: bool = False
+    running: int = 0  # choices without a finish reason (checked after every step: a count, not a scan)
 
     def __post_init__(self):
         self.by_request_id = {c.request_id: c for c in self.choices}
+        self.running = len(self.choices)
 
     @property
     def unfinished(self) -> list[str]:
@@ -87,6 +97,9 @@ class CompletionService:
         self.chunk_size = engine.chunk_size
         self.capacity = engine.cache.capacity
         self.eos_ids = frozenset(engine.config.eos_token_ids)
+        # Streams decode through the tokenizer's byte table where it has one that covers the model's ids.
+        table = tokenizer.token_bytes() if hasattr(tokenizer, "token_bytes") else None
+        self.token_bytes = table if table is not None and len(table) >= engine.config.vocab_size else None
 
     @property
     def max_model_len(self) -> int:
@@ -183,12 +196,12 @@ class CompletionService:
         return params
 
     def _job(self, body: protocol.CompletionRequest, prompts: list[list[int]], arrived: float) -> Job:
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        completion_id = f"cmpl-{_ids.getrandbits(128):032x}"
         choices = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 index = p * body.n + j
-                text = ChoiceText(self.tokenizer, body.stop, self.eos_ids)
+                text = ChoiceText(self.tokenizer, body.stop, self.eos_ids, self.token_bytes)
                 choices.append(Choice(index, f"{completion_id}-{index}", text, ids))
         return Job(completion_id, int(time.time()), arrived, sum(len(ids) for ids in prompts), choices)
 
@@ -211,35 +224,37 @@ class CompletionService:
 
     # ---- engine outputs -> answers ----------------------------------------------------------------------------
 
-    async def _next(self, handle: RequestHandle, job: Job) -> dict[int, list]:
-        """Wait for outputs, take all that are queued; returns {choice index: [text delta, finish reason, steps]}."""
-        items = [await handle.outputs.get()]
-        while not handle.outputs.empty():
-            items.append(handle.outputs.get_nowait())
+    async def _next(self, handle: RequestHandle, job: Job, steps: int = 1) -> list[Choice]:
+        """Wait for outputs of `steps` steps (or for one that finishes a choice) and apply all that are queued: each
+        choice's new text is added to its `held` text, and its finish reason set when it ends. Returns the choices
+        that advanced."""
+        items = await handle.outputs.take_all(steps)
         if job.first_output is None:
             job.first_output = time.perf_counter()
             self.metrics.first_chunk.observe(job.first_output - job.arrived)
-        updates: dict[int, list[str | None]] = {}
+        advanced: dict[int, Choice] = {}
         for item in items:
             if isinstance(item, BaseException):
                 raise item
             for output in item:
                 choice = job.by_request_id[output.request_id]
-                update = updates.setdefault(choice.index, ["", None, 0])
-                update[2] += 1
+                advanced[choice.index] = choice
+                choice.held_steps += 1
                 if output.finish_reason != "abort":  # an abort carries no ids: the choice keeps what it had
                     choice.tokens = len(output.token_ids)
                 if not output.finished:
-                    update[0] += choice.text.add(output.new_token_ids)
+                    choice.held += choice.text.add(output.new_token_ids)
                 else:  # the final text, cut before a stop string that this step's ids may have completed
-                    update[0] += choice.text.finish(None if output.finish_reason == "abort" else output.text)
-                    choice.finish_reason = update[1] = output.finish_reason
-        return updates
+                    choice.held += choice.text.finish(None if output.finish_reason == "abort" else output.text)
+                    if choice.finish_reason is None:
+                        job.running -= 1
+                    choice.finish_reason = output.finish_reason
+        return list(advanced.values())
 
     async def _collect(self, handle: RequestHandle, job: Job, http: Request) -> JSONResponse:
         disconnected = asyncio.ensure_future(_wait_for_disconnect(http))
         try:
-            while job.unfinished:
+            while job.running:
                 waiter = asyncio.ensure_future(self._next(handle, job))
                 await asyncio.wait({waiter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
                 if not waiter.done():
@@ -257,32 +272,41 @@ class CompletionService:
         return JSONResponse(body)
 
     async def _stream(self, handle: RequestHandle, job: Job, echo: bool, include_usage: bool):
-        """One event per choice and step, or per `stream_interval` steps (the first text and the end at once)."""
+        """Yields (events, last) for EventStream: one event per choice and step, or per `stream_interval` steps (the
+        first text and the end at once); the last text, the usage and [DONE] go together, in one write."""
         encoder = protocol.ChunkEncoder(job.completion_id, job.created, self.config.model_id, include_usage)
         interval = self.config.stream_interval
-        held: dict[int, list] = {c.index: ["", 0, False] for c in job.choices}  # text, steps, any text sent
         try:
             if echo:
-                yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices)
-            while job.unfinished:
+                yield "".join(encoder.choice(c.index, c.prompt_text, None) for c in job.choices).encode(), False
+            while job.running:
+                # Wake when some choice's text is due: the first text at once, then every `interval` steps.
+                due = 1
+                if interval > 1:
+                    due = min(
+                        interval - c.held_steps if c.streamed_text else 1 for c in job.choices if not c.finish_reason
+                    )
                 try:
-                    updates = await self._next(handle, job)
+                    advanced = await self._next(handle, job, due)
                 except EngineFailed as error:
-                    yield f"data: {protocol.to_json({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
+                    failure = {"error": {"message": str(error), "type": "server_error"}}
+                    yield f"data: {protocol.to_json(failure)}\n\n".encode(), True
                     return
                 events = []
-                for index, (text, reason, steps) in updates.items():
-                    pending = held[index]
-                    pending[0] += text
-                    pending[1] += steps
-                    if reason is not None or (pending[0] and (pending[1] >= interval or not pending[2])):
-                        events.append(encoder.choice(index, pending[0], reason))
-                        pending[:] = ["", 0, pending[2] or bool(pending[0])]
-                if events:
-                    yield "".join(events)
-            if include_usage:
-                yield encoder.usage(job.usage())
-            yield "data: [DONE]\n\n"
+                for choice in advanced:
+                    if choice.finish_reason is not None or (
+                        choice.held and (choice.held_steps >= interval or not choice.streamed_text)
+                    ):
+                        events.append(encoder.choice(choice.index, choice.held, choice.finish_reason))
+                        choice.streamed_text = choice.streamed_text or bool(choice.held)
+                        choice.held, choice.held_steps = "", 0
+                if not job.running:
+                    if include_usage:
+                        events.append(encoder.usage(job.usage()))
+                    events.append(DONE)
+                    yield "".join(events).encode(), True
+                elif events:
+                    yield "".join(events).encode(), False
         finally:
             self._finish(handle, job)
 
@@ -314,22 +338,6 @@ class CompletionService:
             (now - job.arrived) * 1e3,
             reasons,
         )
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that call `on_close` however the response ends: a disconnect noticed before the first
-    event can cancel the response before its generator first runs, and then the generator's own `finally` never
-    does, so it alone cannot be relied on to abort the request."""
-
-    def __init__(self, events, on_close):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
 
 
 async def _wait_for_disconnect(http: Request) -> None:

@@ -164,8 +164,13 @@ def completion_chunk(
     return chunk
 
 
+# json.dumps with these options would build an encoder per call; a streamed event encodes its text with this one.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def to_json(value) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """json.dumps(value, ensure_ascii=False, separators=(",", ":")): compact, non-ASCII characters as themselves."""
+    return _ENCODER.encode(value)
 
 
 class ChunkEncoder:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from calm_engine import LLM, SamplingParams
-from calm_engine.serve.engine_loop import EngineFailed, EngineLoop, NotAccepting, QueueFull
+from calm_engine.serve.engine_loop import EngineFailed, EngineLoop, Mailbox, NotAccepting, QueueFull
 
 TIMEOUT_S = 30
 
@@ -135,3 +135,31 @@ def test_stop_aborts_what_runs(engine):
     assert sorted(o.request_id for o in finished) == ["a", "b", "c"]
     assert {o.finish_reason for o in finished} == {"abort"}
     assert not engine.has_unfinished_requests()
+
+
+def test_mailbox_wakes_its_reader_for_the_items_it_wants_or_an_urgent_one():
+    async def scenario():
+        box = Mailbox(asyncio.get_running_loop())
+        box.put_nowait("a", urgent=False)
+        assert await box.take_all() == ["a"]  # one is enough by default
+        reader = asyncio.ensure_future(box.take_all(3))
+        for item in ("b", "c"):
+            box.put_nowait(item, urgent=False)
+            await asyncio.sleep(0)
+            assert not reader.done()
+        box.put_nowait("d", urgent=False)
+        assert await reader == ["b", "c", "d"]
+        reader = asyncio.ensure_future(box.take_all(3))
+        box.put_nowait("e", urgent=False)
+        await asyncio.sleep(0)
+        box.put_nowait("f", urgent=True)  # e.g. a request finished: the reader must not wait for a third step
+        assert await reader == ["e", "f"]
+        box.put_nowait("g", urgent=True)
+        assert await box.take_all(5) == ["g"]  # already there: no wait
+        reader = asyncio.ensure_future(box.take_all(2))
+        await asyncio.sleep(0)
+        reader.cancel()
+        box.put_nowait("h", urgent=True)  # no reader waits any more: kept for the next one
+        return await box.take_all(4)
+
+    assert run(scenario()) == ["h"]
