@@ -122,6 +122,7 @@ ScreenProducts VocabArgmax::screen_products(int rows) const {
 }
 
 void VocabArgmax::argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  fallback_rows_ = candidates_ = 0;
   if (screening_)
     screened(gemm, x, rows, out);
   else
@@ -163,10 +164,9 @@ void VocabArgmax::screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
   } else {
     screen_job(&mine);
   }
-  fallback_rows_ = 0;
   for (int r = 0; r < rows; ++r) {
     const float* row = x + static_cast<size_t>(r) * in_;
-    out[r] = screen_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts) : -1;
+    out[r] = screen_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
     fallback_rows_ += out[r] < 0;
   }
   if (fallback_rows_ == 0) return;

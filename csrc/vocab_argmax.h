@@ -42,6 +42,8 @@ class VocabArgmax {
 
   // Rows of the last call that the screen could not settle (projected in full instead).
   int64_t fallback_rows() const { return fallback_rows_; }
+  // Candidates of the last call that the screen left to the float32 recomputation, over all its rows.
+  int64_t candidates() const { return candidates_; }
 
  private:
   void projected(Gemm& gemm, const float* x, int rows, int64_t* out);
@@ -59,7 +61,7 @@ class VocabArgmax {
   ScreenProducts packed_kind_ = ScreenProducts::kGemm;  // the kernel that reads packed_bf16_
   ScreenRows screen_rows_;
   ScreenPart screen_parts_[2];
-  int64_t fallback_rows_ = 0;
+  int64_t fallback_rows_ = 0, candidates_ = 0;
 };
 
 }  // namespace calm_cpu
