@@ -28,6 +28,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,7 @@ class NativeStep(StepBackend):
             )
         self.weights, self.cache, self.noise = weights, cache, noise
         self.device = weights.device
+        self.choice_seconds = 0.0  # the last sample()'s time outside its pools: the counting and the choice
         self.chunk_size, self.noise_size = weights.shapes.chunk_size, weights.shapes.noise
         rope_cos, rope_sin = rope
         step_weights = native_step_weights(weights, cache.keys, cache.values, rope_cos, rope_sin)
@@ -228,12 +230,18 @@ class NativeStep(StepBackend):
     def sample(self, hidden: np.ndarray, batch: SamplingBatch) -> StepResult:
         """hidden [B, H] (the C++ step's) -> every row's next chunk [B, K] as TorchStep.sample gives it: each pool
         drawn and decoded in one C++ call (sample_pool), the choice by pools.choose_from_pools."""
-        samples = batch.valid.shape[1]
+        samples, start, drawing = batch.valid.shape[1], time.perf_counter(), 0.0
 
         def draw_pool(counters: torch.Tensor) -> torch.Tensor:
-            return self.sample_pool(hidden, batch.seeds.numpy(), counters.numpy(), samples)
+            nonlocal drawing
+            begin = time.perf_counter()
+            pool = self.sample_pool(hidden, batch.seeds.numpy(), counters.numpy(), samples)
+            drawing += time.perf_counter() - begin
+            return pool
 
-        return choose_from_pools(batch, draw_pool, self.noise, self.chunk_size, allow_sync=True)
+        result = choose_from_pools(batch, draw_pool, self.noise, self.chunk_size, allow_sync=True)
+        self.choice_seconds = time.perf_counter() - start - drawing
+        return result
 
     def sample_pool(self, hidden: np.ndarray, seeds, counters, samples: int) -> torch.Tensor:
         """hidden [B, H] -> S head samples per row decoded to chunks [B, S, K], with the noise of (seed, counter), as
