@@ -12,8 +12,9 @@ The floor (--floor) is the same matrix products as one decode step of the engine
 autoencoder decoder and its vocabulary projection, at the step's row counts), timed alone with the model's weights:
 with the dense float32 projection, and where the step screens the vocabulary in bfloat16 (csrc/vocab_screen.h) also
 with the bfloat16 projection (the screen's own product). On the C++ step at T < 1, --floor also reports the step's
-time split (head, decoder MLP, vocabulary argmax, counting and choice) and the screen's candidates per row. The floor runs torch's own kernels (`F.linear`); the C++ step's packed products (csrc/packed_linear.h)
-can be faster than that, so step / floor can fall below 1.
+time split (head, decoder MLP, vocabulary argmax, counting and choice) and the screen's candidates per row. The
+floor runs torch's own kernels (`F.linear`); the C++ step's packed products (csrc/packed_linear.h) can be faster than
+that, so step / floor can fall below 1.
 """
 
 from __future__ import annotations

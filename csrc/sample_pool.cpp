@@ -2,8 +2,9 @@
 //
 // Why here and not in PyTorch: at T < 1 the step decodes N x K rows (N = 200, K = 4: 800 per row) through the
 // vocabulary projection, ~95% of the step in dense float32 products on the PyTorch path. Here they go through the
-// step's screened argmax (vocab_screen.h: bfloat16 products with a proven bound, float32 recomputation of the
-// candidates), which gives the same ids as the dense float32 argmax wherever float32 rounding cannot flip them.
+// step's screened argmax where its products are bfloat16 arithmetic (VocabArgmax::pool_argmax; vocab_screen.h:
+// a proven bound, float32 recomputation of the candidates), which gives the same ids as the dense float32 argmax
+// wherever float32 rounding cannot flip them; the hidden-state half of the head runs once per row.
 #include <algorithm>
 #include <chrono>
 
@@ -38,7 +39,7 @@ void DecodeStep::sample_pool(const float* hidden, int batch, const float* noise,
     decoder_mlp(latent.data() + static_cast<size_t>(d0) * width, n, normed);
     pool_stats_.decoder_seconds += seconds_since(start);
     start = Clock::now();
-    vocab_.argmax(gemm_, normed.data(), n * k, out + static_cast<size_t>(d0) * k);
+    vocab_.pool_argmax(gemm_, normed.data(), n * k, out + static_cast<size_t>(d0) * k);
     pool_stats_.argmax_seconds += seconds_since(start);
     pool_stats_.candidates += vocab_.candidates();
     pool_stats_.fallback_rows += vocab_.fallback_rows();

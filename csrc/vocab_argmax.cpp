@@ -129,6 +129,15 @@ void VocabArgmax::argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
     projected(gemm, x, rows, out);
 }
 
+void VocabArgmax::pool_argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  if (screening_ && packed_kind_ == ScreenProducts::kWidened) {
+    fallback_rows_ = candidates_ = 0;
+    projected(gemm, x, rows, out);
+    return;
+  }
+  argmax(gemm, x, rows, out);
+}
+
 // The two threads take the two halves of the vocabulary, each in tiles; the lower half wins ties.
 void VocabArgmax::projected(Gemm& gemm, const float* x, int rows, int64_t* out) {
   ProjectJob mine{gemm.blas().sgemm, weight_, in_, x, rows, 0, vocab_, &argmax_[0]};
