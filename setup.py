@@ -39,6 +39,7 @@ def calm_cpu_extension() -> Extension:
             "csrc/gemm.cpp",
             "csrc/isa.cpp",
             "csrc/philox.cpp",
+            "csrc/sample_pool.cpp",
             "csrc/step_weights.cpp",
             "csrc/test_bindings.cpp",
             "csrc/vocab_argmax.cpp",

@@ -9,10 +9,12 @@ every configuration alternates engine and official runs (engine, official, engin
 ratios from one run are meaningful on CPU.
 
 The floor (--floor) is the same matrix products as one decode step of the engine (backbone, compression, head, the
-autoencoder decoder and its vocabulary projection, at the step's row counts), timed alone with the model's weights.
-Where the step screens the vocabulary in bfloat16 (csrc/vocab_screen.h), the floor's projection is the bfloat16
-product too. The floor runs torch's own kernels (`F.linear`); the C++ step's packed products (csrc/packed_linear.h)
-can be faster than that, so step / floor can fall below 1.
+autoencoder decoder and its vocabulary projection, at the step's row counts), timed alone with the model's weights:
+with the dense float32 projection, and where the step screens the vocabulary in bfloat16 (csrc/vocab_screen.h) also
+with the bfloat16 projection (the screen's own product). On the C++ step at T < 1, --floor also reports the step's
+time split (head, decoder MLP, vocabulary argmax, counting and choice) and the screen's candidates per row. The
+floor runs torch's own kernels (`F.linear`); the C++ step's packed products (csrc/packed_linear.h) can be faster than
+that, so step / floor can fall below 1.
 """
 
 from __future__ import annotations
@@ -123,9 +125,12 @@ def floor_products(weights: ModelWeights, batch: int, samples: int, screened: bo
     return run
 
 
-def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: SamplingParams, rounds: int):
-    """Median seconds of one engine step in steady state (prefill excluded) for `batch` running requests, and of the
-    same step's matrix products alone; the two alternate, so both see the same machine."""
+def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: SamplingParams, rounds: int) -> dict:
+    """Medians (ms) of one engine step in steady state (prefill excluded) for `batch` running requests, of the same
+    step's matrix products alone with a dense float32 projection (floor_ms) and, where the C++ step screens, with the
+    bfloat16 projection (screen_floor_ms: the screen's own product); all alternate, so they see the same machine. On
+    the C++ step at T < 1 also the step's split: head, decoder MLP, vocabulary argmax (screen and recomputation),
+    counting and choice, and the rest (backbone, noise, Python), with the screen's candidates and fallbacks per row."""
     engine = llm.engine
     config = llm.model.config
     params = dataclasses.replace(params, max_tokens=(rounds + 2) * config.chunk_size)  # every timed step decodes
@@ -133,20 +138,34 @@ def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: Sampling
     for i, prompt in enumerate(prompts):
         engine.add_request(f"floor-{i}", prompt, params)
     engine.step()  # prefill + first chunk
-    screened = decode_backend(engine, batch, params) == "native" and engine.backends.native.screen_vocab
-    floor = floor_products(engine.weights, batch, params.samples_per_step, screened)
-    floor()
-    steps, floors = [], []
+    native = engine.backends.native if decode_backend(engine, batch, params) == "native" else None
+    pools = native is not None and params.samples_per_step > 1
+    floors = {"floor_ms": floor_products(engine.weights, batch, params.samples_per_step)}
+    if native is not None and native.screen_vocab:
+        floors["screen_floor_ms"] = floor_products(engine.weights, batch, params.samples_per_step, screened=True)
+    for floor in floors.values():
+        floor()
+    times = {name: [] for name in ["decode_step_ms", *floors]}
     for _ in range(rounds):
         start = time.perf_counter()
         engine.step()
-        steps.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        floor()
-        floors.append(time.perf_counter() - start)
+        times["decode_step_ms"].append(1e3 * (time.perf_counter() - start))
+        if pools:  # the last pool's split (one pool per step with the approximate sampler)
+            stats = native.pool_stats
+            split = {f"{part}_ms": 1e3 * stats[f"{part}_seconds"] for part in ("head", "decoder", "argmax")}
+            split["choice_ms"] = 1e3 * native.choice_seconds
+            split["rest_ms"] = times["decode_step_ms"][-1] - sum(split.values())
+            split["candidates_per_row"] = stats["candidates"] / stats["rows"]
+            split["fallback_rows_per_row"] = stats["fallback_rows"] / stats["rows"]
+            for name, value in split.items():
+                times.setdefault(name, []).append(value)
+        for name, floor in floors.items():
+            start = time.perf_counter()
+            floor()
+            times[name].append(1e3 * (time.perf_counter() - start))
     for i in range(batch):
         engine.abort(f"floor-{i}")
-    return statistics.median(steps), statistics.median(floors)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def decode_backend(engine: LLMEngine, batch: int, params: SamplingParams) -> str:
@@ -167,7 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--floor", action="store_true", help="also time the step's matrix products alone")
     parser.add_argument("--no-official", action="store_true")
-    parser.add_argument("--no-cpu-step", action="store_true", help="the PyTorch path instead of the C++ T = 1 step")
+    parser.add_argument("--no-cpu-step", action="store_true", help="the PyTorch path instead of the C++ step")
     parser.add_argument(
         "--step-backend", choices=STEP_BACKENDS, default="auto", help="force a backend (EngineConfig.step_backend)"
     )
@@ -227,8 +246,10 @@ def main() -> None:
                     row["token_llama_tokens_per_s"] = token["tokens_per_s"]
                     row["speedup_vs_token_llama"] = row["engine_tokens_per_s"] / token["tokens_per_s"]
                 if args.floor:
-                    step, floor = time_steps_and_floor(llm, batch, prompt_len, params, rounds=max(3, args.repeats))
-                    row.update(decode_step_ms=1e3 * step, floor_ms=1e3 * floor, step_over_floor=step / floor)
+                    timed = time_steps_and_floor(llm, batch, prompt_len, params, rounds=max(3, args.repeats))
+                    row.update(timed, step_over_floor=timed["decode_step_ms"] / timed["floor_ms"])
+                    if "screen_floor_ms" in timed:
+                        row["step_over_screen_floor"] = timed["decode_step_ms"] / timed["screen_floor_ms"]
                 rows.append(row)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 

@@ -117,6 +117,55 @@ class PyDecodeStep {
     return result;
   }
 
+  // decode_hidden / prefill_hidden: run / prefill up to the final hidden states [B, hidden] (float32).
+  py::array_t<float> decode_hidden(IdArray ids, IdArray positions, IdArray slots) {
+    const int batch = check_rows("decode_hidden", ids, positions, slots);
+    py::array_t<float> result({batch, step_->weights().shapes.hidden});
+    float* out = result.mutable_data();
+    {
+      py::gil_scoped_release release;
+      step_->decode_hidden(ids.data(), positions.data(), slots.data(), batch, out);
+    }
+    return result;
+  }
+
+  py::array_t<float> prefill_hidden(IdArray ids, IdArray positions, IdArray slots, IdArray last) {
+    const int rows = check_rows("prefill_hidden", ids, positions, slots);
+    const int batch = static_cast<int>(last.size());
+    py::array_t<float> result({batch, step_->weights().shapes.hidden});
+    float* out = result.mutable_data();
+    {
+      py::gil_scoped_release release;
+      step_->prefill_hidden(ids.data(), positions.data(), slots.data(), rows, last.data(), batch, out);
+    }
+    return result;
+  }
+
+  // hidden [B, hidden], noise [B, N, noise] -> chunks [B, N, K] (DecodeStep::sample_pool).
+  py::array_t<int64_t> sample_pool(FloatArray hidden, FloatArray noise) {
+    const Shapes& shapes = step_->weights().shapes;
+    if (hidden.ndim() != 2 || hidden.shape(1) != shapes.hidden || noise.ndim() != 3 ||
+        noise.shape(0) != hidden.shape(0) || noise.shape(2) != shapes.noise || noise.shape(1) < 1)
+      throw std::invalid_argument("DecodeStep.sample_pool: expected hidden [B, hidden] and noise [B, N, noise]");
+    const int batch = static_cast<int>(hidden.shape(0)), samples = static_cast<int>(noise.shape(1));
+    py::array_t<int64_t> result({batch, samples, shapes.chunk_size});
+    int64_t* out = result.mutable_data();
+    {
+      py::gil_scoped_release release;
+      step_->sample_pool(hidden.data(), batch, noise.data(), samples, out);
+    }
+    return result;
+  }
+
+  py::dict pool_stats() const {
+    const PoolStats& s = step_->pool_stats();
+    py::dict d;
+    d["head_seconds"] = s.head_seconds, d["decoder_seconds"] = s.decoder_seconds;
+    d["argmax_seconds"] = s.argmax_seconds, d["rows"] = s.rows, d["candidates"] = s.candidates;
+    d["fallback_rows"] = s.fallback_rows;
+    return d;
+  }
+
  private:
   void enable_screen(const py::handle& weight_bf16, const py::handle& row_norms) {
     const Array& projection = step_->weights().decoder.projection;
@@ -314,7 +363,7 @@ PYBIND11_MODULE(_calm_cpu, m) {
   m.def("supported_isas", &supported_isa_names,
         "the instruction-set levels of the C++ decode step this CPU runs, lowest first (csrc/isa.h)");
   register_step_weights(m);
-  py::class_<PyDecodeStep>(m, "DecodeStep", "One whole T = 1 decode step or prefill on the CPU (csrc/decode_step.h)")
+  py::class_<PyDecodeStep>(m, "DecodeStep", "One whole T = 1 decode step or prefill, or its hidden states and pools, on the CPU (csrc/decode_step.h)")
       .def(py::init<const StepWeights&, std::uintptr_t, std::uintptr_t, int, const std::string&, py::object>(),
            py::arg("weights"), py::arg("sgemm"), py::arg("set_threads_local"), py::arg("threads"),
            py::arg("isa") = "generic", py::arg("vocab_screen") = py::none())
@@ -323,7 +372,12 @@ PYBIND11_MODULE(_calm_cpu, m) {
       .def_property_readonly("screen_fallback_rows", &PyDecodeStep::screen_fallback_rows)
       .def("run", &PyDecodeStep::run, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("noise"))
       .def("prefill", &PyDecodeStep::prefill, py::arg("ids"), py::arg("positions"), py::arg("slots"), py::arg("last"),
-           py::arg("noise"));
+           py::arg("noise"))
+      .def("decode_hidden", &PyDecodeStep::decode_hidden, py::arg("ids"), py::arg("positions"), py::arg("slots"))
+      .def("prefill_hidden", &PyDecodeStep::prefill_hidden, py::arg("ids"), py::arg("positions"), py::arg("slots"),
+           py::arg("last"))
+      .def("sample_pool", &PyDecodeStep::sample_pool, py::arg("hidden"), py::arg("noise"))
+      .def_property_readonly("pool_stats", &PyDecodeStep::pool_stats);
   register_philox(m);
   register_exact_sampler(m);
   register_test_bindings(m);

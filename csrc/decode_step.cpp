@@ -84,26 +84,56 @@ void DecodeStep::check_rows(const char* caller, const int64_t* ids, const int64_
 
 void DecodeStep::run(const int64_t* ids, const int64_t* positions, const int64_t* slots, int batch,
                      const float* noise, int64_t* out) {
-  check_rows("run", ids, positions, slots, batch);
   Gemm::Session session(gemm_);
   std::vector<float> x;
-  forward(ids, positions, slots, batch, x);
+  checked_forward("run", ids, positions, slots, batch, nullptr, batch, x);
   sample(x, noise, batch, out);
 }
 
 void DecodeStep::prefill(const int64_t* ids, const int64_t* positions, const int64_t* slots, int rows,
                          const int64_t* last, int batch, const float* noise, int64_t* out) {
-  check_rows("prefill", ids, positions, slots, rows);
-  for (int b = 0; b < batch; ++b)
-    if (last[b] < 0 || last[b] >= rows)
-      throw std::invalid_argument("DecodeStep.prefill: last[" + std::to_string(b) + "] = " + std::to_string(last[b]) +
-                                  " out of range [0, rows " + std::to_string(rows) + ")");
   Gemm::Session session(gemm_);
-  const int h = w_.shapes.hidden;
-  std::vector<float> x, picked(static_cast<size_t>(batch) * h);
-  forward(ids, positions, slots, rows, x);
-  for (int b = 0; b < batch; ++b) std::copy_n(x.data() + last[b] * h, h, picked.data() + b * h);
+  std::vector<float> picked;
+  checked_forward("prefill", ids, positions, slots, rows, last, batch, picked);
   sample(picked, noise, batch, out);
+}
+
+void DecodeStep::decode_hidden(const int64_t* ids, const int64_t* positions, const int64_t* slots, int batch,
+                               float* hidden) {
+  Gemm::Session session(gemm_);
+  std::vector<float> x;
+  checked_forward("decode_hidden", ids, positions, slots, batch, nullptr, batch, x);
+  std::copy(x.begin(), x.end(), hidden);
+}
+
+void DecodeStep::prefill_hidden(const int64_t* ids, const int64_t* positions, const int64_t* slots, int rows,
+                                const int64_t* last, int batch, float* hidden) {
+  Gemm::Session session(gemm_);
+  std::vector<float> picked;
+  checked_forward("prefill_hidden", ids, positions, slots, rows, last, batch, picked);
+  std::copy(picked.begin(), picked.end(), hidden);
+}
+
+// The rows checked, then forward: the final hidden state of every row (last null), or of the rows last [batch].
+void DecodeStep::checked_forward(const char* caller, const int64_t* ids, const int64_t* positions,
+                                 const int64_t* slots, int rows, const int64_t* last, int batch,
+                                 std::vector<float>& picked) {
+  check_rows(caller, ids, positions, slots, rows);
+  if (last != nullptr)
+    for (int b = 0; b < batch; ++b)
+      if (last[b] < 0 || last[b] >= rows)
+        throw std::invalid_argument(std::string("DecodeStep.") + caller + ": last[" + std::to_string(b) +
+                                    "] = " + std::to_string(last[b]) + " out of range [0, rows " +
+                                    std::to_string(rows) + ")");
+  if (last == nullptr) {
+    forward(ids, positions, slots, rows, picked);
+    return;
+  }
+  const int h = w_.shapes.hidden;
+  std::vector<float> x;
+  forward(ids, positions, slots, rows, x);
+  picked.resize(static_cast<size_t>(batch) * h);
+  for (int b = 0; b < batch; ++b) std::copy_n(x.data() + last[b] * h, h, picked.data() + b * h);
 }
 
 // Input compression (the chunk's K embeddings side by side -> Linear, SiLU, Linear, LayerNorm) -> the Llama layers
@@ -159,46 +189,52 @@ void DecodeStep::gated_mlp(const Norm& norm, const GatedMLP& mlp, std::vector<fl
 // Energy head with the given noise -> autoencoder decoder -> vocabulary argmax, for hidden rows [batch, hidden].
 void DecodeStep::sample(const std::vector<float>& hidden, const float* noise, int batch, int64_t* out) {
   std::vector<float> latent;
-  head(hidden, noise, batch, latent);
-  decode_argmax(latent, batch, out);
+  head(hidden.data(), noise, batch, 1, latent);
+  decode_argmax(latent.data(), batch, out);
 }
 
-void DecodeStep::head(const std::vector<float>& hidden, const float* noise, int batch, std::vector<float>& latent) {
+// The head's first linear of each block reads [condition, normed z]: its hidden-state half (hidden_half, with the
+// bias) depends on the row alone, so it runs once per row and is added to each of the row's samples.
+void DecodeStep::head(const float* hidden, const float* noise, int batch, int samples, std::vector<float>& latent) {
   const EnergyHead& head = w_.head;
-  const int c = w_.shapes.hidden;
-  std::vector<float> condition, z, normed(static_cast<size_t>(batch) * c), row_part, y, y2, gu, mixed;
-  gemm_.product(head.hidden_embed, hidden.data(), batch, condition);
+  const int c = w_.shapes.hidden, draws = batch * samples;
+  std::vector<float> condition, z, normed(static_cast<size_t>(draws) * c), row_part, y, y2, gu, mixed;
+  gemm_.product(head.hidden_embed, hidden, batch, condition);
   layer_norm(head.hidden_norm, condition.data(), batch, c);
-  gemm_.product(head.noise_embed, noise, batch, z);
-  layer_norm(head.noise_norm, z.data(), batch, c);
+  gemm_.product(head.noise_embed, noise, draws, z);
+  layer_norm(head.noise_norm, z.data(), draws, c);
   for (const HeadBlock& block : head.blocks) {
     gemm_.product(block.hidden_half, condition.data(), batch, row_part);  // carries the first linear's bias
     std::copy(z.begin(), z.end(), normed.begin());
-    layer_norm(block.norm, normed.data(), batch, c);
-    y = row_part;
-    gemm_.product_into(block.noise_half, normed.data(), batch, y.data(), true);
+    layer_norm(block.norm, normed.data(), draws, c);
+    const int width = block.hidden_half.out();
+    y.resize(static_cast<size_t>(draws) * width);
+    for (int d = 0; d < draws; ++d)
+      std::copy_n(row_part.data() + static_cast<size_t>(d / samples) * width, width, y.data() + d * width);
+    gemm_.product_into(block.noise_half, normed.data(), draws, y.data(), true);
     activate_into(kernels_, Activation::kSilu, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
-    gemm_.product(block.second, y.data(), batch, y2);
+    gemm_.product(block.second, y.data(), draws, y2);
     activate_into(kernels_, Activation::kSilu, y2.data(), nullptr, y2.data(), static_cast<int>(y2.size()));
-    gemm_.product(block.third, y2.data(), batch, gu);
-    mixed.resize(static_cast<size_t>(batch) * c);
-    for (int r = 0; r < batch; ++r) {
+    gemm_.product(block.third, y2.data(), draws, gu);
+    mixed.resize(static_cast<size_t>(draws) * c);
+    for (int r = 0; r < draws; ++r) {
       const float* g = gu.data() + static_cast<size_t>(r) * 2 * c;
       activate_into(kernels_, Activation::kSilu, g, g + c, mixed.data() + static_cast<size_t>(r) * c, c);
     }
-    gemm_.product_into(block.down, mixed.data(), batch, z.data(), true);
+    gemm_.product_into(block.down, mixed.data(), draws, z.data(), true);
   }
-  layer_norm(head.final_norm, z.data(), batch, c);
-  gemm_.product(head.final_first, z.data(), batch, y);
+  layer_norm(head.final_norm, z.data(), draws, c);
+  gemm_.product(head.final_first, z.data(), draws, y);
   activate_into(kernels_, Activation::kSilu, y.data(), nullptr, y.data(), static_cast<int>(y.size()));
-  gemm_.product(head.final_second, y.data(), batch, latent);
+  gemm_.product(head.final_second, y.data(), draws, latent);
 }
 
-void DecodeStep::decode_argmax(const std::vector<float>& latent, int batch, int64_t* out) {
+// latent [batch, latent] -> the decoder's final normed states [batch * K, decoder_hidden].
+void DecodeStep::decoder_mlp(const float* latent, int batch, std::vector<float>& normed) {
   const Decoder& decoder = w_.decoder;
   const int a = w_.shapes.decoder_hidden;
-  std::vector<float> x, expanded, normed;
-  gemm_.product(decoder.latent_to_hidden, latent.data(), batch, x);
+  std::vector<float> x, expanded;
+  gemm_.product(decoder.latent_to_hidden, latent, batch, x);
   const size_t stage = decoder.layers.size() / 2;
   for (size_t i = 0; i < stage; ++i) gated_mlp(decoder.layers[i].norm, decoder.layers[i].mlp, x, batch, a);
   gemm_.product(decoder.expand, x.data(), batch, expanded);  // [B, K*a] = [B*K, a]
@@ -207,7 +243,12 @@ void DecodeStep::decode_argmax(const std::vector<float>& latent, int batch, int6
     gated_mlp(decoder.layers[i].norm, decoder.layers[i].mlp, expanded, rows, a);
   normed.resize(expanded.size());
   rms_norm(decoder.norm, expanded.data(), normed.data(), rows, a);
-  vocab_.argmax(gemm_, normed.data(), rows, out);
+}
+
+void DecodeStep::decode_argmax(const float* latent, int batch, int64_t* out) {
+  std::vector<float> normed;
+  decoder_mlp(latent, batch, normed);
+  vocab_.argmax(gemm_, normed.data(), batch * w_.shapes.chunk_size, out);
 }
 
 }  // namespace calm_cpu

@@ -11,6 +11,9 @@
 // compression -> Llama layers over the engine's KV-cache slots (attention.h) -> energy head with the given noise ->
 // autoencoder decoder -> vocabulary argmax, the first id on ties (vocab_argmax.h; optionally through the bfloat16
 // screen of vocab_screen.h: the same argmax, with fewer float32 products).
+//
+// For T < 1 the step splits in two (sample_pool.cpp): the hidden states of the rows (decode_hidden, prefill_hidden),
+// then pools of N head samples per row decoded to chunks (sample_pool), which the engine's sampler chooses among.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +29,11 @@
 #include "vocab_argmax.h"
 
 namespace calm_cpu {
+
+struct PoolStats {
+  double head_seconds = 0, decoder_seconds = 0, argmax_seconds = 0;
+  int64_t rows = 0, candidates = 0, fallback_rows = 0;
+};
 
 class DecodeStep {
  public:
@@ -54,6 +62,17 @@ class DecodeStep {
   void prefill(const int64_t* ids, const int64_t* positions, const int64_t* slots, int rows, const int64_t* last,
                int batch, const float* noise, int64_t* out);
 
+  // run and prefill without the sampling: each row's final hidden state into hidden [batch, hidden].
+  void decode_hidden(const int64_t* ids, const int64_t* positions, const int64_t* slots, int batch, float* hidden);
+  void prefill_hidden(const int64_t* ids, const int64_t* positions, const int64_t* slots, int rows,
+                      const int64_t* last, int batch, float* hidden);
+  // Pools: hidden [batch, hidden], noise [batch, samples, noise] -> out [batch, samples, K], sample s of row b decoded
+  // from the head's draw with noise[b, s] (the hidden-state half of the head computed once per row).
+  void sample_pool(const float* hidden, int batch, const float* noise, int samples, int64_t* out);
+  // What the last sample_pool spent: seconds in the head, the decoder's MLP, the vocabulary argmax; the candidates the
+  // screen recomputed in float32 and its rows projected in full.
+  const PoolStats& pool_stats() const { return pool_stats_; }
+
  private:
   void check_rows(const char* caller, const int64_t* ids, const int64_t* positions, const int64_t* slots,
                   int rows) const;
@@ -62,8 +81,12 @@ class DecodeStep {
   void backbone(std::vector<float>& x, int rows, const int64_t* positions, const int64_t* slots);
   void gated_mlp(const Norm& norm, const GatedMLP& mlp, std::vector<float>& x, int rows, int width);
   void sample(const std::vector<float>& hidden, const float* noise, int batch, int64_t* out);
-  void head(const std::vector<float>& hidden, const float* noise, int batch, std::vector<float>& latent);
-  void decode_argmax(const std::vector<float>& latent, int batch, int64_t* out);
+  void checked_forward(const char* caller, const int64_t* ids, const int64_t* positions, const int64_t* slots, int rows,
+                       const int64_t* last, int batch, std::vector<float>& picked);
+  // latent [batch * samples, latent] from hidden [batch, hidden] and noise [batch * samples, noise].
+  void head(const float* hidden, const float* noise, int batch, int samples, std::vector<float>& latent);
+  void decoder_mlp(const float* latent, int batch, std::vector<float>& normed);
+  void decode_argmax(const float* latent, int batch, int64_t* out);
 
   StepWeights w_;  // the step's own copy (the arrays shared): its linears point at the packed copies
   Isa isa_;
@@ -73,6 +96,7 @@ class DecodeStep {
   VocabArgmax vocab_;
   std::unique_ptr<void, AlignedFree> packed_memory_;  // the packed weights of packed_
   std::vector<std::unique_ptr<PackedLinear>> packed_;
+  PoolStats pool_stats_;
 };
 
 }  // namespace calm_cpu

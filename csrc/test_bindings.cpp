@@ -75,7 +75,7 @@ void attend_head(const std::string& isa, FloatArray q, FloatArray keys, FloatArr
 // [vocab, in] (float32), its bfloat16 bits and row norms -> (ids [R], rows projected in full). The scan runs at the
 // level `isa`; the bfloat16 products on its packed kernel (`packed`: AMX tiles at amx, vdpbf16ps at avx512_bf16, the
 // widened float32 kernel at avx2 and avx512) or on MKL's GEMM at `gemm_bf16`. A row the screen leaves open is reduced
-// here with a plain float32 loop (first maximum).
+// here with a plain float32 loop (first maximum). Returns (ids [R], rows left open, candidates recomputed per row [R]).
 py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16, FloatArray x, FloatArray weight,
                                 py::array_t<uint16_t, py::array::c_style> weight_bf16, FloatArray row_norm, int tile,
                                 bool packed) {
@@ -113,11 +113,12 @@ py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16
   calm_cpu::ScreenPart part;
   calm_cpu::prepare_rows(v, x.data(), rows, prepared);
   calm_cpu::screen_range(v, prepared, rows, 0, v.vocab, tile, part);
-  py::array_t<int64_t> ids(rows);
+  py::array_t<int64_t> ids(rows), candidates(rows);
   int64_t fallback = 0;
   for (int r = 0; r < rows; ++r) {
     const float* row = x.data() + static_cast<size_t>(r) * v.in;
-    int64_t id = prepared.usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1) : -1;
+    int64_t& recomputed = candidates.mutable_data()[r] = 0;
+    int64_t id = prepared.usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1, recomputed) : -1;
     if (id < 0) {
       ++fallback;
       float best = -INFINITY;
@@ -129,7 +130,7 @@ py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16
     }
     ids.mutable_data()[r] = id;
   }
-  return py::make_tuple(ids, fallback);
+  return py::make_tuple(ids, fallback, candidates);
 }
 
 }  // namespace

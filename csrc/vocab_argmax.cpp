@@ -122,10 +122,20 @@ ScreenProducts VocabArgmax::screen_products(int rows) const {
 }
 
 void VocabArgmax::argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  fallback_rows_ = candidates_ = 0;
   if (screening_)
     screened(gemm, x, rows, out);
   else
     projected(gemm, x, rows, out);
+}
+
+void VocabArgmax::pool_argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  if (screening_ && packed_kind_ == ScreenProducts::kWidened) {
+    fallback_rows_ = candidates_ = 0;
+    projected(gemm, x, rows, out);
+    return;
+  }
+  argmax(gemm, x, rows, out);
 }
 
 // The two threads take the two halves of the vocabulary, each in tiles; the lower half wins ties.
@@ -163,10 +173,9 @@ void VocabArgmax::screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
   } else {
     screen_job(&mine);
   }
-  fallback_rows_ = 0;
   for (int r = 0; r < rows; ++r) {
     const float* row = x + static_cast<size_t>(r) * in_;
-    out[r] = screen_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts) : -1;
+    out[r] = screen_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
     fallback_rows_ += out[r] < 0;
   }
   if (fallback_rows_ == 0) return;

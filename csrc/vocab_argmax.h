@@ -39,9 +39,16 @@ class VocabArgmax {
 
   // out [rows] = argmax over the vocabulary of x [rows, in] @ W^T, the first id on ties.
   void argmax(Gemm& gemm, const float* x, int rows, int64_t* out);
+  // The same for the many rows of a pool: through the screen where its products are bfloat16 arithmetic (AMX,
+  // vdpbf16ps, MKL's GEMM); the widened kernel (avx2, avx512) costs a float32 multiply-add per product like the dense
+  // projection, and at pool sizes, where both are bound by arithmetic, its scan made it slower than MKL's sgemm
+  // (small shape, T = 0.5, avx2, batch 1: 11.6 ms per 800 rows, benchmarks/RESULTS.md), so there it projects densely.
+  void pool_argmax(Gemm& gemm, const float* x, int rows, int64_t* out);
 
   // Rows of the last call that the screen could not settle (projected in full instead).
   int64_t fallback_rows() const { return fallback_rows_; }
+  // Candidates of the last call that the screen left to the float32 recomputation, over all its rows.
+  int64_t candidates() const { return candidates_; }
 
  private:
   void projected(Gemm& gemm, const float* x, int rows, int64_t* out);
@@ -59,7 +66,7 @@ class VocabArgmax {
   ScreenProducts packed_kind_ = ScreenProducts::kGemm;  // the kernel that reads packed_bf16_
   ScreenRows screen_rows_;
   ScreenPart screen_parts_[2];
-  int64_t fallback_rows_ = 0;
+  int64_t fallback_rows_ = 0, candidates_ = 0;
 };
 
 }  // namespace calm_cpu

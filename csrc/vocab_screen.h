@@ -184,8 +184,9 @@ inline void screen_range(const VocabScreen& v, const ScreenRows& x, int rows, in
 }
 
 // Row r's argmax from the screened parts (in vocabulary order): its surviving candidates recomputed in float32, the
-// first id on ties; -1 when the row overflowed (the caller projects it in full).
-inline int64_t pick_candidate(const VocabScreen& v, const float* x_row, int r, const ScreenPart* parts, int count) {
+// first id on ties; -1 when the row overflowed (the caller projects it in full). Adds the ids recomputed to `recomputed`.
+inline int64_t pick_candidate(const VocabScreen& v, const float* x_row, int r, const ScreenPart* parts, int count,
+                              int64_t& recomputed) {
   float lower = -INFINITY;
   for (int p = 0; p < count; ++p) {
     if (parts[p].overflow[r]) return -1;
@@ -196,6 +197,7 @@ inline int64_t pick_candidate(const VocabScreen& v, const float* x_row, int r, c
   for (int p = 0; p < count; ++p)
     for (const Candidate& k : parts[p].candidates[r]) {
       if (k.upper < lower) continue;
+      ++recomputed;
       const float* w = v.weight + static_cast<size_t>(k.id) * v.in;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)

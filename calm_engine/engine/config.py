@@ -28,6 +28,8 @@ CPU_STEP_MAX_BATCH = 64
 # and large products win (first step, small shape, 2 threads, C++ / PyTorch: 1 x 128 chunks 12.2 / 15.4 ms, 2 x 128
 # 23.7 / 24.8, 4 x 128 50.2 / 44.5, 8 x 128 94.6 / 67.4; benchmarks/prefill_ab.py).
 CPU_PREFILL_MAX_CHUNKS = 256
+# Steps of at most this many head samples (rows x the largest num_samples) run as the C++ step at T < 1 too.
+CPU_POOL_MAX_DRAWS = 64 * 200
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class EngineConfig:
         the weights (their size again). A level the CPU cannot run is a ValueError naming the levels it can.
       screen_vocab: its bfloat16 vocabulary screen (None: where the level's default says so).
       step_backend: "auto" (the policy), or force one: "torch" (every step in PyTorch), "native" (the C++ step for
-        every T = 1 step, whatever the batch), "graph" (CUDA graphs for every decode step that fits a bucket).
-      cpu_step_max_batch, cpu_prefill_max_chunks: the policy's limits for the C++ step under "auto" (measured).
+        every step, whatever the batch), "graph" (CUDA graphs for every decode step that fits a bucket).
+      cpu_step_max_batch, cpu_prefill_max_chunks, cpu_pool_max_draws: the policy's limits for the C++ step under
+        "auto" (measured).
     More than one process (calm_engine/distributed/):
       tensor_parallel_size: ranks that each hold a shard of the backbone and of the vocabulary projection; N > 1
         starts N - 1 worker processes (or, under torchrun, joins its group). Only the PyTorch step runs sharded: the
@@ -81,6 +84,7 @@ class EngineConfig:
     step_backend: str = "auto"
     cpu_step_max_batch: int = CPU_STEP_MAX_BATCH
     cpu_prefill_max_chunks: int = CPU_PREFILL_MAX_CHUNKS
+    cpu_pool_max_draws: int = CPU_POOL_MAX_DRAWS
     tensor_parallel_size: int = 1
     parallel_timeout_s: float = 60.0
 
@@ -118,6 +122,7 @@ class EngineConfig:
             raise ValueError("step_backend='graph' forces CUDA graphs, which use_cuda_graph=False turns off")
         _positive("cpu_step_max_batch", self.cpu_step_max_batch, minimum=0)
         _positive("cpu_prefill_max_chunks", self.cpu_prefill_max_chunks, minimum=0)
+        _positive("cpu_pool_max_draws", self.cpu_pool_max_draws, minimum=0)
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         timeout = self.parallel_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:

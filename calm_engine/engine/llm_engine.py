@@ -325,7 +325,8 @@ def sample_row_bytes(model: CalmModel) -> int:
     width intermediate and 3 of width hidden per token) and the sampler's int64 copies of the chunk.
 
     Measured on the default model as the growth of resident memory during a step with a pool of 5,000 to 20,000
-    samples: 50-68 KB per sample over six runs; this gives 55 KB (tests/engine/test_engine.py measures it again).
+    samples: 50-68 KB per sample over six runs; this gives 55 KB (tests/engine/test_engine.py measures it again). That
+    is the PyTorch step's peak; the C++ step decodes its pools in blocks of 64 samples and held 7.4 KB per sample.
     """
     config, ae = model.config, model.autoencoder.config
     element = torch.empty((), dtype=model.dtype).element_size()

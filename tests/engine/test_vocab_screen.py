@@ -41,11 +41,18 @@ SOURCE_LIST = [("generic", False), ("avx2", False)] + [(isa, True) for isa in cp
 SOURCES = [_source(isa, packed) for isa, packed in SOURCE_LIST]
 
 
-def screened(x: torch.Tensor, weight: torch.Tensor, isa: str, packed: bool, tile: int = 512):
+def screened_with_candidates(x: torch.Tensor, weight: torch.Tensor, isa: str, packed: bool, tile: int = 512):
+    """(ids [R], rows left to the full projection, candidates recomputed in float32 per row [R])."""
     bits, norms = cpu_step.bfloat16_bits(weight), cpu_step.projection_row_norms(weight).numpy()
     gemm = BLAS.gemm_bf16 if HAS_GEMM else 0
-    ids, fallback = testing.screened_vocab_argmax(isa, gemm, x.numpy(), weight.numpy(), bits, norms, tile, packed)
-    return torch.from_numpy(ids), fallback
+    ids, fallback, candidates = testing.screened_vocab_argmax(
+        isa, gemm, x.numpy(), weight.numpy(), bits, norms, tile, packed
+    )
+    return torch.from_numpy(ids), fallback, torch.from_numpy(candidates)
+
+
+def screened(x: torch.Tensor, weight: torch.Tensor, isa: str, packed: bool, tile: int = 512):
+    return screened_with_candidates(x, weight, isa, packed, tile)[:2]
 
 
 def width_unsupported(isa: str, packed: bool, width: int) -> bool:
@@ -154,3 +161,37 @@ def test_screen_refuses_projection_rows_it_cannot_bound(bad):
     weight[123, 4] = bad
     with pytest.raises(ValueError, match="finite"):
         screened(torch.randn(2, 16), weight, SUPPORTED[-1], packed=SUPPORTED[-1] != "generic")
+
+
+@pytest.mark.parametrize(("isa", "packed"), SOURCES)
+def test_screen_matches_the_dense_float32_argmax_at_pool_size(isa, packed):
+    """A pool's worth of rows (200 samples x K = 4) over 8192 ids: random rows, rows aimed at pairs of ids a few
+    float32 ulps apart (near-ties) and at pairs of equal projection rows (exact ties). The screened id is the dense
+    float32 argmax (torch's, first index on ties) wherever the float64 margin between the best two ids exceeds what
+    float32 rounding can move (two float32 dot products, each within in * 2^-24 |x| |w| of the exact one), and
+    within that margin of the best elsewhere; an exact tie goes to the first id."""
+    generator = torch.Generator().manual_seed(23)
+    rows, vocab, width = 800, 8192, 128
+    weight = 0.2 * torch.randn(vocab, width, generator=generator)
+    x = torch.randn(rows, width, generator=generator)
+    pairs = torch.randperm(vocab, generator=generator)[:400].view(200, 2).sort(dim=1).values
+    near, tied = pairs[:100], pairs[100:]
+    weight[near[:, 1]] = weight[near[:, 0]] * (1 + 2**-22) + 1e-7 * torch.randn(100, width, generator=generator)
+    weight[tied[:, 1]] = weight[tied[:, 0]]
+    targets = torch.cat([near[:, 0], tied[:, 0]]).repeat_interleave(2)  # rows 0-199 near-ties, 200-399 exact ties
+    x[:400] = 4 * weight[targets] + 0.02 * torch.randn(400, width, generator=generator)
+    ids, fallback, candidates = screened_with_candidates(x, weight, isa, packed)
+    assert fallback == 0
+    dense = (x @ weight.T).argmax(-1)
+    exact = x.double() @ weight.double().T
+    top = exact.topk(2, dim=-1).values
+    rounding = 2 * width * 2**-24 * x.double().norm(dim=1) * weight.double().norm(dim=1).max()
+    decided = top[:, 0] - top[:, 1] > rounding
+    assert decided[400:].float().mean() > 0.95 and not decided[200:400].any()  # the checks below mean something
+    assert torch.equal(ids[decided], dense[decided])
+    assert torch.equal(ids[decided], exact.argmax(-1)[decided])
+    within = exact >= (top[:, 0] - rounding)[:, None]
+    assert within.gather(1, ids[:, None]).all()
+    assert torch.equal(ids[200:400], targets[200:400])  # the first of two equal rows
+    assert (candidates >= 1).all() and (candidates[200:400] >= 2).all()  # a tie keeps both ids
+    assert candidates[400:].float().mean() < 4  # random rows: the screen leaves a few ids (2.0 at AMX), not 64

@@ -18,13 +18,14 @@ from tests.serve.conftest import ServerProcess
 
 KEY = "test-key-0123"
 MODEL = "calm-default"
-# About 25 ms a step on one 2-core CPU: 128 steps outlast every check below; the streams are closed long before.
+# Tens of ms a step on one 2-core CPU (1,000 head samples: at 200 the C++ step's pools take ~5 ms, too short for the
+# step counts checked below): 128 steps outlast every check below; the streams are closed long before.
 SLOW = {
     "model": MODEL,
     "prompt": "The history of",
     "max_tokens": 512,
     "temperature": 0.5,
-    "num_samples": 200,
+    "num_samples": 1000,
     "ignore_eos": True,
 }
 

@@ -1,5 +1,7 @@
 """NativeStep: a whole T = 1 decode step (or prefill) of a float32 CALM model in one C++ call
-(csrc/decode_step.cpp), the engine's fastest path for small batches on a CPU.
+(csrc/decode_step.cpp), the engine's fastest path for small batches on a CPU. At T < 1 the C++ step gives the rows'
+hidden states, then draws and decodes each pool of N head samples in one call (csrc/sample_pool.cpp), and
+pools.choose_from_pools chooses among them exactly as the PyTorch step does.
 
 For small batches on a CPU the PyTorch step is ~120 operations whose dispatch costs about as much as the matrix
 products (benchmarks/RESULTS.md). The C++ step reads the weights (ModelWeights, bound as the typed StepWeights of
@@ -26,6 +28,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +39,10 @@ import torch
 from calm_engine import native
 from calm_engine.engine.kv_cache import SlotKVCache
 from calm_engine.engine.noise import NoiseFn, counter, philox_noise, philox_noise_numpy
+from calm_engine.engine.sampler import SamplingBatch
 from calm_engine.engine.step.interface import Phase, StepBackend, StepResult, StepRow
 from calm_engine.engine.step.native_weights import native_step_weights
+from calm_engine.engine.step.pools import choose_from_pools, sampling_batch
 from calm_engine.engine.weights import ModelWeights
 
 
@@ -130,7 +135,8 @@ def available(weights: ModelWeights) -> bool:
 
 
 class NativeStep(StepBackend):
-    """The C++ step: decode and prefill of rows at T = 1 (one head sample each)."""
+    """The C++ step: decode and prefill of rows at any temperature; a step of T = 1 rows alone (one head sample each)
+    is one C++ call."""
 
     name = "native"
 
@@ -157,6 +163,8 @@ class NativeStep(StepBackend):
                 "the C++ decode step needs a float32 CALM model on CPU, the built extension and torch's sgemm"
             )
         self.weights, self.cache, self.noise = weights, cache, noise
+        self.device = weights.device
+        self.choice_seconds = 0.0  # the last sample()'s time outside its pools: the counting and the choice
         self.chunk_size, self.noise_size = weights.shapes.chunk_size, weights.shapes.noise
         rope_cos, rope_sin = rope
         step_weights = native_step_weights(weights, cache.keys, cache.values, rope_cos, rope_sin)
@@ -186,18 +194,23 @@ class NativeStep(StepBackend):
     # ---- the StepBackend interface ----------------------------------------------------------------------------
 
     def supports(self, phase: Phase, rows: Sequence[StepRow]) -> bool:
-        return all(r.params.samples_per_step == 1 for r in rows)
+        return True
 
     def decode(self, rows: Sequence[StepRow]) -> StepResult:
         k = self.chunk_size  # one numpy array for all the step's inputs: a step at batch 1 lasts ~0.7 ms
         table = np.array([[*r.last_chunk, r.next_position, r.slot, r.seed, r.chunks_done] for r in rows])
-        return StepResult(self.run(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3]))
+        ids, positions, slots = table[:, :k], table[:, k], table[:, k + 1]
+        if all(r.params.samples_per_step == 1 for r in rows):
+            return StepResult(self.run(ids, positions, slots, table[:, k + 2], table[:, k + 3]))
+        return self.sample(self._step.decode_hidden(ids, positions, slots), sampling_batch(rows, self.device))
 
     def prefill(self, rows: Sequence[StepRow]) -> StepResult:
         keys = np.array([[r.seed, r.chunks_done] for r in rows], dtype=np.int64)  # the noise's (seed, step)
-        return StepResult(
-            self.prefill_prompts([r.fed_prompt for r in rows], [r.slot for r in rows], keys[:, 0], keys[:, 1])
-        )
+        prompts, slots = [r.fed_prompt for r in rows], [r.slot for r in rows]
+        if all(r.params.samples_per_step == 1 for r in rows):
+            return StepResult(self.prefill_prompts(prompts, slots, keys[:, 0], keys[:, 1]))
+        hidden = self._step.prefill_hidden(*self._prefill_rows(prompts, slots))
+        return self.sample(hidden, sampling_batch(rows, self.device))
 
     # ---- arrays -----------------------------------------------------------------------------------------------
 
@@ -205,13 +218,46 @@ class NativeStep(StepBackend):
         """ids [B, K] at chunk positions [B] in slots [B] -> the next chunk [B, K], sampled at T = 1 with the
         noise of (seed, step) exactly as TorchStep.sample draws it. Integer CPU tensors or numpy arrays
         (the engine passes numpy: at batch 1 a step lasts ~0.7 ms, and each tensor built costs ~20 us)."""
-        noise = self._noise(seeds, steps)
-        out = self._step.run(np.asarray(ids), np.asarray(positions), np.asarray(slots), noise)
+        out = self._step.run(np.asarray(ids), np.asarray(positions), np.asarray(slots), self._t1_noise(seeds, steps))
         return torch.from_numpy(out)
 
     def prefill_prompts(self, prompts: list[list[int]], slots: list[int], seeds, steps) -> torch.Tensor:
         """Prompts of whole chunks (token ids, K per chunk) into cache slots, every chunk at its position -> the
         first generated chunk of each [B, K] at T = 1: TorchStep.prefill_hidden followed by sample."""
+        out = self._step.prefill(*self._prefill_rows(prompts, slots), self._t1_noise(seeds, steps))
+        return torch.from_numpy(out)
+
+    def sample(self, hidden: np.ndarray, batch: SamplingBatch) -> StepResult:
+        """hidden [B, H] (the C++ step's) -> every row's next chunk [B, K] as TorchStep.sample gives it: each pool
+        drawn and decoded in one C++ call (sample_pool), the choice by pools.choose_from_pools."""
+        samples, start, drawing = batch.valid.shape[1], time.perf_counter(), 0.0
+
+        def draw_pool(counters: torch.Tensor) -> torch.Tensor:
+            nonlocal drawing
+            begin = time.perf_counter()
+            pool = self.sample_pool(hidden, batch.seeds.numpy(), counters.numpy(), samples)
+            drawing += time.perf_counter() - begin
+            return pool
+
+        # The choice's tensor operations on one thread: a parallel region of torch's OpenMP leaves its threads spinning
+        # on the cores the C++ step's two threads need (small shape, T = 0.5, batch 1: 8.0-8.3 ms steps, 6.6 ms thus).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            result = choose_from_pools(batch, draw_pool, self.noise, self.chunk_size, allow_sync=True)
+        finally:
+            torch.set_num_threads(threads)
+        self.choice_seconds = time.perf_counter() - start - drawing
+        return result
+
+    def sample_pool(self, hidden: np.ndarray, seeds, counters, samples: int) -> torch.Tensor:
+        """hidden [B, H] -> S head samples per row decoded to chunks [B, S, K], with the noise of (seed, counter), as
+        TorchStep.sample_pool draws them."""
+        noise = self._noise(seeds, counters, samples)
+        return torch.from_numpy(self._step.sample_pool(np.asarray(hidden), noise))
+
+    def _prefill_rows(self, prompts: list[list[int]], slots: list[int]):
+        """ids [R, K], positions [R], slots [R] of every prompt chunk, and last [B], the row of each prompt's last."""
         # numpy, not torch: torch.repeat_interleave runs a parallel region whose idle OpenMP thread then spins
         # through the step on the core its second thread needs (a 64-chunk prefill took 7.4 instead of 4.8 ms).
         k = self.chunk_size
@@ -219,20 +265,27 @@ class NativeStep(StepBackend):
         ids = np.array([token for prompt in prompts for token in prompt], dtype=np.int64).reshape(-1, k)
         positions = np.concatenate([np.arange(n, dtype=np.int64) for n in chunks])
         rows_slot = np.repeat(np.asarray(slots, dtype=np.int64), chunks)
-        last = np.cumsum(chunks) - 1
-        out = self._step.prefill(ids, positions, rows_slot, last, self._noise(seeds, steps))
-        return torch.from_numpy(out)
+        return ids, positions, rows_slot, np.cumsum(chunks) - 1
+
+    @property
+    def pool_stats(self) -> dict:
+        """What the last pool spent (seconds in the head, the decoder MLP and the vocabulary argmax) and the screen's
+        work on it (rows, candidates recomputed in float32, rows projected in full)."""
+        return self._step.pool_stats
 
     @property
     def screen_fallback_rows(self) -> int:
         """Rows of the last call's vocabulary argmax that the screen left open and the step projected in full."""
         return self._step.screen_fallback_rows
 
-    def _noise(self, seeds, steps) -> np.ndarray:
-        """The noise [B, noise] of each row's (seed, step), as TorchStep.sample draws it at T = 1."""
-        seeds = np.asarray(seeds, dtype=np.int64)
-        counters = counter(np.asarray(steps, dtype=np.int64))
+    def _t1_noise(self, seeds, steps) -> np.ndarray:
+        """The noise [B, noise] of each row's (seed, step) at T = 1."""
+        return self._noise(seeds, counter(np.asarray(steps, dtype=np.int64)), 1)[:, 0]
+
+    def _noise(self, seeds, counters, samples: int) -> np.ndarray:
+        """The head noise [B, samples, noise] of each row's (seed, Philox counter), as TorchStep draws it."""
+        seeds, counters = np.asarray(seeds, dtype=np.int64), np.asarray(counters, dtype=np.int64)
         if self.noise is philox_noise:
-            return philox_noise_numpy(seeds, counters, 1, self.noise_size)[:, 0]
-        noise = self.noise(torch.from_numpy(seeds), torch.from_numpy(counters), 1, self.noise_size)[:, 0]
-        return noise.contiguous().numpy()
+            return philox_noise_numpy(seeds, counters, samples, self.noise_size)
+        noise = self.noise(torch.from_numpy(seeds), torch.from_numpy(counters), samples, self.noise_size)
+        return np.ascontiguousarray(noise.numpy(), dtype=np.float32)

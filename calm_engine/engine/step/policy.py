@@ -3,9 +3,10 @@ decided. The engine calls choose_backend for every prefill and decode; benchmark
 takes, and force one with EngineConfig.step_backend.
 
 The rule under step_backend="auto":
-- the C++ step (native) for T = 1 rows on a CPU, up to cpu_step_max_batch rows and, for a prefill, up to
-  cpu_prefill_max_chunks prompt chunks in all (above those the PyTorch path's threaded products win; measured, see
-  config.py), unless CUDA graphs are on;
+- the C++ step (native) on a CPU, up to cpu_step_max_batch rows and, for a prefill, up to cpu_prefill_max_chunks
+  prompt chunks in all (above those the PyTorch path's threaded products win; measured, see config.py), unless CUDA
+  graphs are on; at T < 1 too (its pools decoded through the screened argmax), up to cpu_pool_max_draws head samples
+  per step (the rows times the largest num_samples among them);
 - else a decode step through a CUDA graph when graphs are on and a bucket holds the batch;
 - else the PyTorch step (with the Triton kernels where use_kernels resolved to True).
 With tensor_parallel_size > 1 the PyTorch step, sharded (distributed/), is the only backend built: the C++ step and
@@ -105,8 +106,11 @@ def choose_backend(phase: Phase, rows: Sequence[StepRow], backends: Backends, co
     if native is not None and native.supports(phase, rows):
         if forced == "native":
             return native
+        draws = len(rows) * max(r.params.samples_per_step for r in rows)
         if forced == "auto" and backends.graph is None and len(rows) <= config.cpu_step_max_batch:
-            if phase is Phase.DECODE or sum(r.prompt_chunks for r in rows) <= config.cpu_prefill_max_chunks:
+            if draws <= config.cpu_pool_max_draws and (
+                phase is Phase.DECODE or sum(r.prompt_chunks for r in rows) <= config.cpu_prefill_max_chunks
+            ):
                 return native
     if phase is Phase.DECODE and backends.graph is not None and backends.graph.supports(phase, rows):
         return backends.graph

@@ -10,12 +10,15 @@ apply: a token model draws one sample per step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from calm_engine.engine.noise import counter
 from calm_engine.engine.sampler import SamplingBatch
 from calm_engine.engine.step.interface import StepResult, StepRow
+from calm_engine.engine.step.pools import sampling_batch
 from calm_engine.engine.step.torch_step import TorchStep
 from calm_engine.kernels.reference import first_argmax
 
@@ -32,11 +35,8 @@ def gumbel_scores(logits: torch.Tensor, inverse_temperature: torch.Tensor, unifo
 
 
 class TokenStep(TorchStep):
-    def row_samples(self, row: StepRow) -> int:
-        return 1
-
-    def row_pools(self, row: StepRow) -> int:
-        return 0
+    def sampling_batch(self, rows: Sequence[StepRow]) -> SamplingBatch:
+        return sampling_batch(rows, self.device, one_sample=True)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> backbone inputs [B, T, hidden]: the token embeddings."""

@@ -2,7 +2,7 @@
 
 prefill / decode (the StepBackend interface) turn rows into tensors, run the backbone over the cache slots
 (backbone.py), then `sample`: noise -> energy head over a pool of S samples per row -> autoencoder decode with the
-vocabulary argmax in blocks -> the likelihood-free choice of sampler.py, all on the device. The graph step
+vocabulary argmax in blocks -> the likelihood-free choice of sampler.py (pools.py), all on the device. The graph step
 (graph_step.py) replays the same `decode_hidden` + `sample` from static buffers. Every method is tested against the
 reference model (tests/engine/test_torch_step.py).
 """
@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from calm_engine.engine.kv_cache import SlotKVCache
-from calm_engine.engine.noise import CHOICE_UNIFORMS, NoiseFn, counter
-from calm_engine.engine.sampler import ExactState, SamplingBatch, approximate_choice, exact_choice
+from calm_engine.engine.noise import NoiseFn
+from calm_engine.engine.sampler import SamplingBatch
 from calm_engine.engine.step.backbone import SlotBackbone
 from calm_engine.engine.step.interface import Phase, StepBackend, StepResult, StepRow
 from calm_engine.engine.step.ops import TorchOps
+from calm_engine.engine.step.pools import choose_from_pools, sampling_batch
 from calm_engine.engine.weights import ModelWeights
 
 
@@ -75,34 +76,7 @@ class TorchStep(StepBackend):
         return ids, positions, torch.tensor([r.slot for r in rows], device=device)
 
     def sampling_batch(self, rows: Sequence[StepRow]) -> SamplingBatch:
-        device = self.device
-        per_row_list = [self.row_samples(r) for r in rows]
-        samples = max(per_row_list)
-        per_row = torch.tensor(per_row_list, device=device)
-        valid = torch.arange(samples, device=device)[None] < per_row[:, None]
-        exact = [self.row_pools(r) for r in rows]
-        return SamplingBatch(
-            seeds=torch.tensor([r.seed for r in rows], device=device),
-            steps=torch.tensor([r.chunks_done for r in rows], device=device),
-            valid=valid,
-            inv_floor=torch.tensor([r.params.inverse_floor for r in rows], device=device),
-            inv_frac=torch.tensor(
-                [max(0.0, r.params.inverse_temperature - r.params.inverse_floor) for r in rows],
-                device=device,
-                dtype=torch.float64,
-            ),
-            pools=torch.tensor(exact, device=device),
-            max_pools=max(exact),
-        )
-
-    def row_samples(self, row: StepRow) -> int:
-        """Head samples the row draws this step."""
-        return row.params.samples_per_step
-
-    def row_pools(self, row: StepRow) -> int:
-        """The row's exact-sampler bound (0: the approximate sampler)."""
-        params = row.params
-        return params.exact_max_pools if params.sampler == "exact" and params.temperature < 1 else 0
+        return sampling_batch(rows, self.device)
 
     # ---- tensors -> hidden states -> chunks -------------------------------------------------------------------
 
@@ -133,39 +107,12 @@ class TorchStep(StepBackend):
         chunks = self.ops.decode_argmax(self.weights.decoder, latents.reshape(-1, latents.shape[-1]))
         return chunks.view(hidden.shape[0], samples, -1)
 
-    def choice_uniforms(self, seeds: torch.Tensor, counters: torch.Tensor, samples: int) -> torch.Tensor:
-        """The sampler's uniforms on [0, 1) [B, S] for the pool drawn at `counters` (its own stream)."""
-        return self.noise(seeds, counters + CHOICE_UNIFORMS, samples, 1)[..., 0] + 0.5
-
     def sample(self, hidden: torch.Tensor, batch: SamplingBatch, allow_sync: bool = False) -> StepResult:
         """hidden [B, H] -> every row's next chunk [B, K], sampled as its parameters say, and the [B] flags of rows
-        whose exact sampler hit its bound and fell back to Algorithm 2.
-
-        allow_sync lets the exact sampler stop early when every row has accepted (one host sync per pool; eager CPU
-        only). Without it every pool up to the batch's bound runs, so the step has a fixed shape for CUDA graphs.
-        """
-        base = counter(batch.steps)
+        whose exact sampler hit its bound and fell back to Algorithm 2 (pools.choose_from_pools)."""
         samples = batch.valid.shape[1]
-        pool = self.sample_pool(hidden, batch.seeds, base, samples)
-        no_fallback = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-        if samples == 1:
-            return StepResult(pool[:, 0], no_fallback)
-        uniforms = self.choice_uniforms(batch.seeds, base, samples)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if batch.max_pools == 0:
-            index = approximate_choice(pool, batch.valid, batch.inv_floor, batch.inv_frac, uniforms)
-            return StepResult(pool[rows, index], no_fallback)
-        fallback = pool[rows, approximate_choice(pool, batch.valid, batch.inv_floor, batch.inv_frac, uniforms)]
-        state = ExactState.start(hidden.shape[0], self.chunk_size, hidden.device)
-        for p in range(batch.max_pools):
-            if p:
-                counters = counter(batch.steps, pool=p)
-                pool = self.sample_pool(hidden, batch.seeds, counters, samples)
-                uniforms = self.choice_uniforms(batch.seeds, counters, samples)
-            live = batch.valid & (p < batch.pools)[:, None]
-            state = exact_choice(state, pool, live, batch.inv_floor, batch.inv_frac, uniforms)
-            if allow_sync and bool(state.done.all()):
-                break
-        # Rows that did not accept within their own bound take Algorithm 2's choice from their first pool.
-        fell_back = ~state.done & (batch.pools > 0)
-        return StepResult(torch.where(state.done[:, None], state.chosen, fallback), fell_back)
+
+        def draw_pool(counters: torch.Tensor) -> torch.Tensor:
+            return self.sample_pool(hidden, batch.seeds, counters, samples)
+
+        return choose_from_pools(batch, draw_pool, self.noise, self.chunk_size, allow_sync)
