@@ -28,7 +28,9 @@ CPU_STEP_MAX_BATCH = 64
 # and large products win (first step, small shape, 2 threads, C++ / PyTorch: 1 x 128 chunks 12.2 / 15.4 ms, 2 x 128
 # 23.7 / 24.8, 4 x 128 50.2 / 44.5, 8 x 128 94.6 / 67.4; benchmarks/prefill_ab.py).
 CPU_PREFILL_MAX_CHUNKS = 256
-# Steps of at most this many head samples (rows x the largest num_samples) run as the C++ step at T < 1 too.
+# Steps of at most this many head samples (rows x the largest num_samples) run as the C++ step at T < 1 too. Up to
+# the largest batch the C++ step takes it wins (small shape, T = 0.5, N = 200, 2 threads, `amx`, C++ / PyTorch ms per
+# step: batch 16 86-96 / 162-176, 32 184-193 / 301-359, 64 355-396 / 635-656; benchmarks/RESULTS.md, issue 20).
 CPU_POOL_MAX_DRAWS = 64 * 200
 
 
