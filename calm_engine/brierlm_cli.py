@@ -11,28 +11,13 @@ from pathlib import Path
 
 from calm_engine.brierlm import DEFAULT_BLOCK_SIZE, MAX_NGRAM, BrierLMConfig, BrierLMResult, Progress, evaluate_brierlm
 from calm_engine.distributed.group import join_environment, local_device
+from calm_engine.jsonl import read_records
 from calm_engine.model.checkpoint import default_model_path, load
 
 
 def read_texts(path: Path, max_documents: int | None = None) -> list[str]:
     """The "text" field of each line of a jsonl file (blank lines skipped)."""
-    texts = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if max_documents is not None and len(texts) == max_documents:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}: line {number} is not a JSON object with a string field 'text'")
-            texts.append(record["text"])
-    if not texts:
-        raise ValueError(f"{path}: no documents")
-    return texts
+    return [record["text"] for _, record in read_records(path, "text", "documents", max_documents)]
 
 
 def format_result(result: BrierLMResult, data: str) -> str:

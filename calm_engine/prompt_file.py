@@ -12,29 +12,18 @@ from pathlib import Path
 
 from calm_engine.distributed.group import Shard
 from calm_engine.engine.llm_engine import LLM
+from calm_engine.jsonl import read_records
 from calm_engine.sampling_params import SamplingParams
 
 
 def read_prompts(path: Path) -> list[dict]:
     """Each non-blank line: {"prompt": str, "seed": int (optional)}; anything else is a ValueError naming the line."""
-    records = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}: line {number} is not a JSON object with a string field 'prompt'")
-            seed = record.get("seed")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-                raise ValueError(f"{path}: line {number}: 'seed' must be an integer in [0, 2**63), got {seed!r}")
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts")
-    return records
+    records = read_records(path, "prompt", "prompts")
+    for number, record in records:
+        seed = record.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"{path}: line {number}: 'seed' must be an integer in [0, 2**63), got {seed!r}")
+    return [record for _, record in records]
 
 
 def generate_file(

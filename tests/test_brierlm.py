@@ -284,12 +284,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+def calm_checkpoint_and_documents(tmp_path, documents: int):
+    """A random CALM checkpoint with the word tokenizer, and a jsonl file of `documents` random texts."""
     model_dir = tmp_path / "calm"
     save_calm(random_calm_model(seed=6), model_dir)
     write_word_tokenizer(model_dir)
     data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in random_texts(5, seed=6)))
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in random_texts(documents, seed=6)))
+    return model_dir, data
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    model_dir, data = calm_checkpoint_and_documents(tmp_path, 5)
     output = tmp_path / "result.json"
     argv = [str(model_dir), "--data", str(data), "--block-size", "8192", "--max-documents", "4", "--device", "cpu"]
     assert run_brierlm(parse([*argv, "--output", str(output)])) == 0

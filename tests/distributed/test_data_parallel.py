@@ -13,11 +13,10 @@ import pytest
 from calm_engine.brierlm import BrierLMConfig, evaluate_brierlm
 from calm_engine.cli import main
 from calm_engine.distributed.group import Shard
-from calm_engine.model.checkpoint import save_calm
 from tests.conftest import REPO_ROOT
 from tests.distributed.torchrun import torchrun
 from tests.model_factory import random_calm_model, random_token_llama
-from tests.test_brierlm import WordTokenizer, random_texts, write_word_tokenizer
+from tests.test_brierlm import WordTokenizer, calm_checkpoint_and_documents, random_texts
 
 BRIERS = ("brier1", "brier2", "brier3", "brier4", "positions", "blocks")
 
@@ -42,11 +41,7 @@ def test_block_randomness_does_not_depend_on_batching_or_shards(kind):
 
 
 def test_torchrun_brierlm_equals_one_process(tmp_path, capsys):
-    model_dir = tmp_path / "calm"
-    save_calm(random_calm_model(seed=6), model_dir)
-    write_word_tokenizer(model_dir)
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in random_texts(9, seed=6)))
+    model_dir, data = calm_checkpoint_and_documents(tmp_path, 9)
     argv = ["eval", "brierlm", str(model_dir), "--data", str(data), "--block-size", "64", "--device", "cpu"]
     assert main([*argv, "--output", str(tmp_path / "one.json")]) == 0
     capsys.readouterr()
