@@ -135,7 +135,7 @@ def project_argmax(
     return ids, val
 
 
-# The PyTorch projection holds at most this many logits at once (16 MB in float32), in blocks of ROW_BLOCK rows.
+# The PyTorch decode holds at most this many logits at once (16 MB in float32), in blocks of ROW_BLOCK decoded rows.
 MAX_BLOCK_LOGITS = 1 << 22
 ROW_BLOCK = 1024
 
@@ -212,11 +212,27 @@ def decode_argmax(decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def decode_argmax_ref(decoder, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_argmax` in plain torch: the model's Decoder, its vocabulary projection through project_argmax_ref (the
-    logits of a large pool never exist at once). (ids int64 [M, K], max logit [M, K])."""
+    """`decode_argmax` in plain torch: the model's Decoder, its vocabulary projection through project_argmax_ref.
+    (ids int64 [M, K], max logit [M, K]). A large pool runs in blocks of ROW_BLOCK decoded rows, so neither its logits
+    nor its decoder activations ever exist at once: a step's memory grows with its samples only by their noise, head
+    activations and ids (llm_engine.sample_pool_bytes)."""
     _check(decoder, latents)
-    k, stage = chunk_size(decoder), len(decoder.layers) // 2
-    rows = latents.shape[0]
+    k = chunk_size(decoder)
+    block = max(1, ROW_BLOCK // k)
+    if latents.shape[0] <= block:
+        return _decode_argmax_block(decoder, latents, k)
+    # Each block's results go straight into outputs allocated up front: small survivors allocated between the blocks'
+    # large temporaries fragment the heap, which then keeps growing (measured: 6 KB per sample at 80,000 samples).
+    ids = torch.empty(latents.shape[0], k, dtype=torch.int64, device=latents.device)
+    values = torch.empty(latents.shape[0], k, dtype=latents.dtype, device=latents.device)
+    for start in range(0, latents.shape[0], block):
+        part_ids, part_values = _decode_argmax_block(decoder, latents[start : start + block], k)
+        ids[start : start + block], values[start : start + block] = part_ids, part_values
+    return ids, values
+
+
+def _decode_argmax_block(decoder, latents: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stage, rows = len(decoder.layers) // 2, latents.shape[0]
     x = reference.linear(latents, decoder.latent_to_hidden)
     for layer in decoder.layers[:stage]:
         x = reference.residual_mlp(x, layer)

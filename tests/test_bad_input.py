@@ -151,14 +151,14 @@ API_CASES = {
     "params count": (lambda llm, _: llm.generate(["a", "b"], [P(), P(), P()]), ValueError, r"3 SamplingParams for 2"),
     # memory
     "sample pool of one request": (
-        lambda llm, _: llm.generate("x", P(temperature=0.5, num_samples=100_000)),
+        lambda llm, _: llm.generate("x", P(temperature=0.5, num_samples=1_000_000)),
         ValueError,
-        r"num_samples=100000 draws 100,000 head samples per step, about 5\.\d GiB .*sample_pool_memory=2\.0 GiB",
+        r"num_samples=1000000 draws 1,000,000 head samples per step, about 8\.\d GiB .*sample_pool_memory=2\.0 GiB",
     ),
     "sample pool of a batch": (
-        lambda llm, _: llm.generate(["a"] * 4, P(temperature=0.5, num_samples=12_000)),
+        lambda llm, _: llm.generate(["a"] * 4, P(temperature=0.5, num_samples=70_000)),
         ValueError,
-        r"4 requests that would run together draws 4 x 12,000 .*max_batch_size.*sample_pool_memory",
+        r"4 requests that would run together draws 4 x 70,000 .*max_batch_size.*sample_pool_memory",
     ),
     # the step API
     "request id reused": (
@@ -268,7 +268,7 @@ CLI_CASES = {
     "max-tokens not a number": (["generate", "--max-tokens", "many", "x"], r"--max-tokens: invalid int value"),
     "num-samples 0": (["generate", "--num-samples", "0", "x"], r"num_samples must be an integer >= 1, got 0"),
     "num-samples below 1/T": (["generate", "--temperature", "0.25", "--num-samples", "3", "x"], r"below n=floor"),
-    "num-samples over the pool budget": (["generate", "--num-samples", "100000", "x"], r"sample_pool_memory=2\.0 GiB"),
+    "num-samples over the pool budget": (["generate", "--num-samples", "1000000", "x"], r"sample_pool_memory=2\.0 GiB"),
     "seed negative": (["generate", "--seed", "-1", "x"], r"--seed -1: .*\[0, 2\*\*63 - 1\]"),
     "seed + i too large": (["generate", "--seed", str(2**63 - 1), "a", "b"], r"--seed 9223372036854775807: prompt i"),
     "batch 0": (["generate", "--batch", "0", "x"], r"--batch must be at least 1, got 0"),

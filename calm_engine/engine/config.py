@@ -17,9 +17,9 @@ from calm_engine.engine.noise import NoiseFn
 PROMPT_PADDING = ("right", "left")
 STEP_BACKENDS = ("auto", "torch", "native", "graph")
 # Default budget for one step's pool of head samples (the rows of a step times the largest num_samples among them;
-# see llm_engine.sample_row_bytes). 2 GiB holds 64 requests x 200 samples of the default model (0.7 GiB) and of CALM-M
-# (1.5 GiB), and refuses at once what would otherwise run for minutes and exhaust memory (as reported in issue 16,
-# one request of 100,000 samples on the default model ran 100 s and took 5.4 GB).
+# see llm_engine.sample_row_bytes). 2 GiB holds 64 requests x 200 samples of the default model (0.15 GiB) and of
+# CALM-M (0.45 GiB), and refuses at once what would otherwise exhaust memory (issue 16 reported a request of 100,000
+# samples on the default model that took 5.4 GB before the pool was decoded in blocks; it now takes about 0.6 GB).
 SAMPLE_POOL_MEMORY = 2 << 30
 # Up to this many rows the C++ step beats the PyTorch path (small shape, 2 threads, generate of 64 tokens, the two
 # alternated: 2.17x at 16 rows, 1.66x at 32, 1.33x at 64; benchmarks/RESULTS.md). Larger batches were not measured.

@@ -40,6 +40,7 @@ from calm_engine.engine.scheduler import Scheduler
 from calm_engine.engine.step.interface import Phase, StepBackend, StepRow
 from calm_engine.engine.step.policy import build_backends, choose_backend, device_summary
 from calm_engine.engine.weights import ModelWeights
+from calm_engine.kernels import ae_decode
 from calm_engine.model.calm import CalmModel
 from calm_engine.model.checkpoint import load
 from calm_engine.model.token_llama import TokenLlama
@@ -74,6 +75,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.max_batch_size)
         # A token-level model draws one token per row whatever num_samples says: no pool.
         self.sample_row_bytes = sample_row_bytes(model) if self.weights.is_calm else 0
+        self.decode_block_bytes = decode_block_bytes(model) if self.weights.is_calm else 0
         self.requests: dict[str, Request] = {}
         self._seed_source = random.Random(config.seed)
         self._eos_ids = set(model.config.eos_token_ids)
@@ -174,7 +176,7 @@ class LLMEngine:
             return
         samples = max([params.samples_per_step, *(r.params.samples_per_step for r in self.requests.values())])
         rows = min(self.engine_config.max_batch_size, len(self.requests) + 1)
-        needed = rows * samples * self.sample_row_bytes
+        needed = rows * samples * self.sample_row_bytes + self.decode_block_bytes
         if needed <= self.engine_config.sample_pool_memory:
             return
         if rows == 1:
@@ -321,15 +323,22 @@ class LLM:
 
 def sample_row_bytes(model: CalmModel) -> int:
     """Bytes one head sample holds at the peak of a sampling step, from the shapes: its noise (float32), the head's
-    live activations (about 8 of width hidden_size), the autoencoder decoder's over its K tokens (a gated MLP: 3 of
-    width intermediate and 3 of width hidden per token) and the sampler's int64 copies of the chunk.
+    live activations (about 8 of width hidden_size, and its latent) and the sampler's int64 copies of its chunk. Both
+    backends decode a pool in blocks of a fixed size (decode_block_bytes), so the decoder adds nothing per sample.
 
-    Measured on the default model as the growth of resident memory during a step with a pool of 5,000 to 20,000
-    samples: 50-68 KB per sample over six runs; this gives 55 KB (tests/engine/test_engine.py measures it again). That
-    is the PyTorch step's peak; the C++ step decodes its pools in blocks of 64 samples and held 7.4 KB per sample.
+    Measured on the default model as the growth of resident memory (ru_maxrss) during a step of 20,000 samples,
+    less decode_block_bytes (tests/engine/test_engine.py measures it again; benchmarks/RESULTS.md has the figures).
     """
-    config, ae = model.config, model.autoencoder.config
+    config = model.config
     element = torch.empty((), dtype=model.dtype).element_size()
-    head = 8 * config.hidden_size + config.latent_size
-    decoder = 3 * ae.hidden_size + config.chunk_size * 3 * (ae.hidden_size + ae.intermediate_size)
-    return 4 * config.noise_size + element * (head + decoder) + 4 * 8 * config.chunk_size
+    return 4 * config.noise_size + element * (8 * config.hidden_size + config.latent_size) + 4 * 8 * config.chunk_size
+
+
+def decode_block_bytes(model: CalmModel) -> int:
+    """Bytes of one block of the pool decode (ae_decode.decode_argmax_ref): ROW_BLOCK decoded rows through the
+    autoencoder decoder (a gated MLP: 3 of width intermediate and 3 of width hidden live per row) and at most
+    MAX_BLOCK_LOGITS logits with their running maximum. The C++ step's blocks of 64 samples are smaller."""
+    ae = model.autoencoder.config
+    element = torch.empty((), dtype=model.dtype).element_size()
+    rows = ae_decode.ROW_BLOCK * element * 3 * (ae.hidden_size + ae.intermediate_size)
+    return rows + 2 * 4 * ae_decode.MAX_BLOCK_LOGITS
