@@ -94,13 +94,21 @@ void packed_rows(int rows, const float* w, int in, const float* x, int ldx, floa
 template <class V>
 void packed_linear(const PackedLinear& w, const float* bias, const float* x, int ldx, int rows, float* y, int ldy,
                    int g0, int g1, bool accumulate) {
-  for (int g = g0; g < g1; ++g) {
-    const int c0 = g * w.width(), cols = w.out() - c0 < w.width() ? w.out() - c0 : w.width();
-    const RowBlocks blocks(rows, V::kRowBlock);
-    for (int i = 0; i < blocks.count; ++i) {
-      const int r0 = blocks.start(i);
-      packed_rows<V, V::kRowBlock>(blocks.start(i + 1) - r0, w.group(g), w.in(), x + static_cast<size_t>(r0) * ldx,
-                                   ldx, y + static_cast<size_t>(r0) * ldy, ldy, c0, cols, bias, accumulate);
+  // Many rows (a pool's head samples) run in chunks whose inputs stay in L2 while every group passes over them: with
+  // all rows under each group, 1,600 rows of 256 inputs came from L3 once per group.
+  constexpr int kRowChunk = 8 * V::kRowBlock;
+  for (int q0 = 0; q0 < rows; q0 += kRowChunk) {
+    const int chunk = rows - q0 < kRowChunk ? rows - q0 : kRowChunk;
+    const float* xq = x + static_cast<size_t>(q0) * ldx;
+    float* yq = y + static_cast<size_t>(q0) * ldy;
+    for (int g = g0; g < g1; ++g) {
+      const int c0 = g * w.width(), cols = w.out() - c0 < w.width() ? w.out() - c0 : w.width();
+      const RowBlocks blocks(chunk, V::kRowBlock);
+      for (int i = 0; i < blocks.count; ++i) {
+        const int r0 = blocks.start(i);
+        packed_rows<V, V::kRowBlock>(blocks.start(i + 1) - r0, w.group(g), w.in(), xq + static_cast<size_t>(r0) * ldx,
+                                     ldx, yq + static_cast<size_t>(r0) * ldy, ldy, c0, cols, bias, accumulate);
+      }
     }
   }
 }

@@ -39,7 +39,8 @@ def packed(isa, x, weight, bias, y, accumulate, groups=None):
 
 @pytest.mark.parametrize("isa", VECTOR)
 @pytest.mark.parametrize(
-    ("rows", "out", "width"), [(1, 1, 1), (3, 31, 7), (7, 17, 9), (8, 32, 64), (9, 33, 130), (17, 100, 257)]
+    ("rows", "out", "width"),
+    [(1, 1, 1), (3, 31, 7), (7, 17, 9), (8, 32, 64), (9, 33, 130), (17, 100, 257), (131, 40, 33)],  # 131: row chunks
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_float64(isa, rows, out, width, with_bias):
@@ -74,9 +75,9 @@ def test_packed_linear_rows_do_not_depend_on_the_batch(isa):
     """A row's result is bit-identical whether it runs alone or in any row block of a larger batch: each output is
     the same float32 sum over the inputs in order (csrc/packed_linear.h), whatever the row count."""
     g = torch.Generator().manual_seed(11)
-    x, weight = torch.randn(13, 96, generator=g), torch.randn(70, 96, generator=g)
-    whole = packed(isa, x, weight, None, torch.empty(13, 70), accumulate=False)
-    for r in (0, 5, 6, 7, 8, 12):
+    x, weight = torch.randn(150, 96, generator=g), torch.randn(70, 96, generator=g)  # several row chunks
+    whole = packed(isa, x, weight, None, torch.empty(150, 70), accumulate=False)
+    for r in (0, 5, 6, 7, 8, 12, 47, 48, 64, 65, 149):
         alone = packed(isa, x[r : r + 1].clone(), weight, None, torch.empty(1, 70), accumulate=False)
         assert torch.equal(alone[0], whole[r])
 
