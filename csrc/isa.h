@@ -34,6 +34,9 @@ Isa best_isa();
 Isa parse_isa(const std::string& name);
 
 class PackedBf16Projection;
+class PackedInt8Projection;
+struct Int8RowsView;
+struct Int8Scan;
 
 // The decode step's kernels at one level. Where a pointer is null the step does without: the products go to the
 // sgemm, the vocabulary screen's products to MKL's bfloat16 GEMM.
@@ -58,6 +61,12 @@ struct StepKernels {
   int screen_group = 0;
   void (*widened_scores)(const PackedBf16Projection& w, const float* x, int rows, int c0, int n,
                          float* scores) = nullptr;
+  // The int8 screen (int8_products.h, AVX2 only): rows x against ids n0..n1 into `scan`; and, for its tests, the
+  // scores and bounds [rows, n] of ids c0..c0+n-1 (n0 and c0 multiples of its group).
+  void (*int8_screen)(const PackedInt8Projection& w, const Int8RowsView& x, int rows, int n0, int n1,
+                      const Int8Scan& scan) = nullptr;
+  void (*int8_scores)(const PackedInt8Projection& w, const Int8RowsView& x, int rows, int c0, int n, float* scores,
+                      float* bounds) = nullptr;
 };
 
 const StepKernels& step_kernels(Isa isa);

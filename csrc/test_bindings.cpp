@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bf16_products.h"
+#include "int8_products.h"
 #include "isa.h"
 #include "packed_linear.h"
 #include "vocab_screen.h"
@@ -133,6 +134,74 @@ py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16
   return py::make_tuple(ids, fallback, candidates);
 }
 
+// The int8 screen's packed weight from weight [V, in] and its row norms [V] (the step's own checks are the caller's).
+std::unique_ptr<calm_cpu::PackedInt8Projection> int8_weight(const FloatArray& weight, const FloatArray& row_norm) {
+  if (weight.ndim() != 2 || row_norm.ndim() != 1 || row_norm.shape(0) != weight.shape(0))
+    throw std::invalid_argument("int8 screen: expected weight [V, in] and row norms [V]");
+  return std::make_unique<calm_cpu::PackedInt8Projection>(weight.data(), row_norm.data(),
+                                                          static_cast<int>(weight.shape(0)),
+                                                          static_cast<int>(weight.shape(1)));
+}
+
+// The int8 screen's scores and bounds of x [R, in] against ids c0..c0+n-1 (c0 a multiple of 16) into scores and
+// bounds [R, n], from the level's kernel or (reference) the plain loops.
+void int8_scores(const std::string& isa, FloatArray x, FloatArray weight, FloatArray row_norm, int c0, int n,
+                 py::array_t<float, py::array::c_style> scores, py::array_t<float, py::array::c_style> bounds,
+                 bool reference) {
+  const auto w = int8_weight(weight, row_norm);
+  const int rows = static_cast<int>(x.shape(0));
+  if (x.ndim() != 2 || x.shape(1) != weight.shape(1) || c0 < 0 || c0 % calm_cpu::kInt8Group != 0 || n < 0 ||
+      c0 + n > w->vocab() || scores.ndim() != 2 || scores.shape(0) != rows || scores.shape(1) != n ||
+      bounds.ndim() != 2 || bounds.shape(0) != rows || bounds.shape(1) != n)
+    throw std::invalid_argument("int8_scores: expected x [R, in], ids c0 (a multiple of 16) .. c0 + n within the "
+                                "vocabulary, scores and bounds [R, n]");
+  const calm_cpu::StepKernels& k = kernels_of(isa);
+  if (!reference && k.int8_scores == nullptr) throw std::invalid_argument("int8_scores: no int8 kernel at " + isa);
+  calm_cpu::Int8Rows prepared;
+  calm_cpu::prepare_int8_rows(*w, calm_cpu::largest_norm(row_norm.data(), w->vocab()), x.data(), rows, prepared);
+  const calm_cpu::Int8RowsView view = calm_cpu::int8_view(*w, prepared);
+  (reference ? calm_cpu::int8_scores_reference : k.int8_scores)(*w, view, rows, c0, n, scores.mutable_data(),
+                                                               bounds.mutable_data());
+}
+
+// The int8-screened argmax on its own (one thread) at a level with the int8 kernel: x [R, in], the projection's
+// weight [V, in] and row norms [V] -> (ids [R], rows left open, candidates recomputed per row [R]); a row left open
+// is reduced with a plain float32 loop (first maximum).
+py::tuple int8_screened_vocab_argmax(const std::string& isa, FloatArray x, FloatArray weight, FloatArray row_norm) {
+  const calm_cpu::StepKernels& k = kernels_of(isa);
+  if (k.int8_screen == nullptr) throw std::invalid_argument("int8_screened_vocab_argmax: no int8 kernel at " + isa);
+  const auto w = int8_weight(weight, row_norm);
+  if (x.ndim() != 2 || x.shape(1) != weight.shape(1))
+    throw std::invalid_argument("int8_screened_vocab_argmax: expected x [R, in]");
+  calm_cpu::VocabScreen v;
+  v.weight = weight.data(), v.in = w->in(), v.vocab = w->vocab();
+  const int rows = static_cast<int>(x.shape(0));
+  calm_cpu::Int8Rows prepared;
+  calm_cpu::prepare_int8_rows(*w, calm_cpu::largest_norm(row_norm.data(), v.vocab), x.data(), rows, prepared);
+  calm_cpu::ScreenPart part;
+  part.lower.assign(rows, -INFINITY), part.candidates.resize(rows), part.overflow.assign(rows, 0);
+  k.int8_screen(*w, calm_cpu::int8_view(*w, prepared), rows, 0, v.vocab,
+                {part.lower.data(), part.overflow.data(), &part});
+  py::array_t<int64_t> ids(rows), candidates(rows);
+  int64_t fallback = 0;
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x.data() + static_cast<size_t>(r) * v.in;
+    int64_t& recomputed = candidates.mutable_data()[r] = 0;
+    int64_t id = prepared.usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1, recomputed) : -1;
+    if (id < 0) {
+      ++fallback;
+      float best = -INFINITY;
+      for (int c = 0; c < v.vocab; ++c) {
+        float dot = 0.0f;
+        for (int i = 0; i < v.in; ++i) dot += row[i] * v.weight[static_cast<size_t>(c) * v.in + i];
+        if (id < 0 || dot > best) best = dot, id = c;
+      }
+    }
+    ids.mutable_data()[r] = id;
+  }
+  return py::make_tuple(ids, fallback, candidates);
+}
+
 }  // namespace
 
 void register_test_bindings(py::module_& module) {
@@ -146,4 +215,8 @@ void register_test_bindings(py::module_& module) {
         py::arg("scale"), py::arg("out"));
   m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("isa"), py::arg("gemm_bf16"), py::arg("x"),
         py::arg("weight"), py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"), py::arg("packed"));
+  m.def("int8_scores", &int8_scores, py::arg("isa"), py::arg("x"), py::arg("weight"), py::arg("row_norm"),
+        py::arg("c0"), py::arg("n"), py::arg("scores"), py::arg("bounds"), py::arg("reference"));
+  m.def("int8_screened_vocab_argmax", &int8_screened_vocab_argmax, py::arg("isa"), py::arg("x"), py::arg("weight"),
+        py::arg("row_norm"));
 }

@@ -68,6 +68,28 @@ void screen_job(void* context) {
   screen_range(*t.vocab, *t.rows, t.count, t.n0, t.n1, kVocabTile, *t.part);
 }
 
+// One thread's share of the int8 screen: rows against ids n0..n1, into `scan`.
+struct Int8Job {
+  const StepKernels* kernels;
+  const PackedInt8Projection* weight;
+  Int8RowsView rows;
+  int count, n0, n1;
+  Int8Scan scan;
+};
+
+void int8_job(void* context) {
+  const Int8Job& t = *static_cast<const Int8Job*>(context);
+  t.kernels->int8_screen(*t.weight, t.rows, t.count, t.n0, t.n1, t.scan);
+}
+
+// A part sized for `rows`, its lower bounds at -inf and no candidates.
+void reset_part(ScreenPart& part, int rows) {
+  part.lower.assign(rows, -INFINITY);
+  part.candidates.resize(rows);
+  for (auto& list : part.candidates) list.clear();
+  part.overflow.assign(rows, 0);
+}
+
 GemmTask job(void (*run)(void*), void* context) {
   GemmTask task;
   task.job = run, task.context = context;
@@ -107,6 +129,8 @@ void VocabArgmax::enable_screen(GemmBf16 gemm, const uint16_t* weight_bf16, cons
   }
   if (group != 0) packed_bf16_ = std::make_unique<PackedBf16Projection>(weight_bf16, vocab_, in_, group);
   screen_.packed = packed_bf16_.get();
+  if (kernels_.int8_screen != nullptr && in_ <= kInt8MaxIn)
+    packed_int8_ = std::make_unique<PackedInt8Projection>(weight_, row_norm, vocab_, in_);
   if (packed_bf16_ && (packed_kind_ != ScreenProducts::kDpbf16 || gemm == nullptr))
     screen_.weight_bf16 = nullptr;  // never read again
   screening_ = true;
@@ -130,6 +154,11 @@ void VocabArgmax::argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
 }
 
 void VocabArgmax::pool_argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  if (packed_int8_) {
+    fallback_rows_ = candidates_ = 0;
+    int8_screened(gemm, x, rows, out);
+    return;
+  }
   if (screening_ && packed_kind_ == ScreenProducts::kWidened) {
     fallback_rows_ = candidates_ = 0;
     projected(gemm, x, rows, out);
@@ -155,9 +184,8 @@ void VocabArgmax::projected(Gemm& gemm, const float* x, int rows, int64_t* out) 
 }
 
 // The two threads screen the two halves of the vocabulary (whole tiles, the lower half first in id order); then each
-// row's candidates are recomputed in float32 here. If the screen leaves any row open (ties or near-ties among more
-// than kMaxCandidates ids, or a non-finite row), all rows are projected in full, as without the screen: the same
-// products at the same row count, so such rows get the same argmax as the unscreened step.
+// row's candidates are recomputed in float32 here. A row the screen leaves open (ties or near-ties among more than
+// kMaxCandidates ids, or a non-finite row) is projected in full, alone (project_open_rows).
 void VocabArgmax::screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
   screen_.products = screen_products(rows);
   prepare_rows(screen_, x, rows, screen_rows_);
@@ -176,13 +204,45 @@ void VocabArgmax::screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
   for (int r = 0; r < rows; ++r) {
     const float* row = x + static_cast<size_t>(r) * in_;
     out[r] = screen_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
-    fallback_rows_ += out[r] < 0;
   }
-  if (fallback_rows_ == 0) return;
-  std::vector<int64_t> whole(rows);
-  projected(gemm, x, rows, whole.data());
+  project_open_rows(gemm, x, rows, out);
+}
+
+// The int8 screen, its vocabulary split between the threads in whole groups (the lower half first), then as screened.
+void VocabArgmax::int8_screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  prepare_int8_rows(*packed_int8_, screen_.max_row_norm, x, rows, int8_rows_);
+  const int groups = packed_int8_->groups(), parts = gemm.two_threads() && groups >= 2 ? 2 : 1;
+  const int split = parts == 2 ? (groups + 1) / 2 * kInt8Group : vocab_;
+  Int8Job jobs[2];
+  for (int p = 0; p < parts; ++p) {
+    ScreenPart& part = screen_parts_[p];
+    reset_part(part, rows);
+    jobs[p] = {&kernels_, packed_int8_.get(), int8_view(*packed_int8_, int8_rows_), rows, p ? split : 0,
+               p ? vocab_ : split, {part.lower.data(), part.overflow.data(), &part}};
+  }
+  if (parts == 2)
+    gemm.run_pair(job(&int8_job, &jobs[0]), job(&int8_job, &jobs[1]));
+  else
+    int8_job(&jobs[0]);
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x + static_cast<size_t>(r) * in_;
+    out[r] = int8_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
+  }
+  project_open_rows(gemm, x, rows, out);
+}
+
+void VocabArgmax::project_open_rows(Gemm& gemm, const float* x, int rows, int64_t* out) {
+  std::vector<int> open;
   for (int r = 0; r < rows; ++r)
-    if (out[r] < 0) out[r] = whole[r];
+    if (out[r] < 0) open.push_back(r);
+  fallback_rows_ += static_cast<int64_t>(open.size());
+  if (open.empty()) return;
+  open_rows_.resize(open.size() * static_cast<size_t>(in_));
+  for (size_t i = 0; i < open.size(); ++i)
+    std::copy_n(x + static_cast<size_t>(open[i]) * in_, in_, open_rows_.data() + i * in_);
+  std::vector<int64_t> ids(open.size());
+  projected(gemm, open_rows_.data(), static_cast<int>(open.size()), ids.data());
+  for (size_t i = 0; i < open.size(); ++i) out[open[i]] = ids[i];
 }
 
 }  // namespace calm_cpu

@@ -10,6 +10,7 @@
 #include "bf16_products.h"
 #include "blas.h"
 #include "gemm.h"
+#include "int8_products.h"
 #include "isa.h"
 #include "step_weights.h"
 #include "vocab_screen.h"
@@ -39,10 +40,11 @@ class VocabArgmax {
 
   // out [rows] = argmax over the vocabulary of x [rows, in] @ W^T, the first id on ties.
   void argmax(Gemm& gemm, const float* x, int rows, int64_t* out);
-  // The same for the many rows of a pool: through the screen where its products are bfloat16 arithmetic (AMX,
-  // vdpbf16ps, MKL's GEMM); the widened kernel (avx2, avx512) costs a float32 multiply-add per product like the dense
-  // projection, and at pool sizes, where both are bound by arithmetic, its scan made it slower than MKL's sgemm
-  // (small shape, T = 0.5, avx2, batch 1: 11.6 ms per 800 rows, benchmarks/RESULTS.md), so there it projects densely.
+  // The same for the many rows of a pool: through the int8 screen where the level has it (avx2: int8_products.h),
+  // else through the bfloat16 screen where its products are bfloat16 arithmetic (AMX, vdpbf16ps, MKL's GEMM); the
+  // widened kernel (avx512) costs a float32 multiply-add per product like the dense projection, and at pool sizes,
+  // where both are bound by arithmetic, its scan made it slower than MKL's sgemm (small shape, T = 0.5, avx2, batch 1:
+  // 11.6 ms per 800 rows, benchmarks/RESULTS.md), so there it projects densely.
   void pool_argmax(Gemm& gemm, const float* x, int rows, int64_t* out);
 
   // Rows of the last call that the screen could not settle (projected in full instead).
@@ -53,6 +55,9 @@ class VocabArgmax {
  private:
   void projected(Gemm& gemm, const float* x, int rows, int64_t* out);
   void screened(Gemm& gemm, const float* x, int rows, int64_t* out);
+  void int8_screened(Gemm& gemm, const float* x, int rows, int64_t* out);
+  // Each row r the screens left open (out[r] < 0) projected in float32, alone.
+  void project_open_rows(Gemm& gemm, const float* x, int rows, int64_t* out);
   ScreenProducts screen_products(int rows) const;
 
   const float* weight_;
@@ -65,6 +70,9 @@ class VocabArgmax {
   std::unique_ptr<PackedBf16Projection> packed_bf16_;
   ScreenProducts packed_kind_ = ScreenProducts::kGemm;  // the kernel that reads packed_bf16_
   ScreenRows screen_rows_;
+  std::unique_ptr<PackedInt8Projection> packed_int8_;  // the int8 screen's copy, where the level has its kernel
+  Int8Rows int8_rows_;
+  std::vector<float> open_rows_;
   ScreenPart screen_parts_[2];
   int64_t fallback_rows_ = 0, candidates_ = 0;
 };
