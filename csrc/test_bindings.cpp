@@ -215,6 +215,8 @@ void register_test_bindings(py::module_& module) {
         py::arg("scale"), py::arg("out"));
   m.def("screened_vocab_argmax", &screened_vocab_argmax, py::arg("isa"), py::arg("gemm_bf16"), py::arg("x"),
         py::arg("weight"), py::arg("weight_bf16"), py::arg("row_norm"), py::arg("tile"), py::arg("packed"));
+  m.def("has_int8_screen", [](const std::string& isa) { return kernels_of(isa).int8_screen != nullptr; },
+        py::arg("isa"));
   m.def("int8_scores", &int8_scores, py::arg("isa"), py::arg("x"), py::arg("weight"), py::arg("row_norm"),
         py::arg("c0"), py::arg("n"), py::arg("scores"), py::arg("bounds"), py::arg("reference"));
   m.def("int8_screened_vocab_argmax", &int8_screened_vocab_argmax, py::arg("isa"), py::arg("x"), py::arg("weight"),

@@ -67,8 +67,9 @@ def test_cpu_pool_matches_the_torch_path(shape, isa):
     stats = step.pool_stats
     assert stats["rows"] == expected.numel()
     assert stats["fallback_rows"] == 0
-    if step.screen_vocab and isa not in ("avx2", "avx512"):  # every row keeps at least its own argmax as a candidate
-        assert expected.numel() <= stats["candidates"] <= 4 * expected.numel()
+    if step.screen_vocab and isa != "avx512":  # every row keeps at least its own argmax as a candidate
+        most = 8 if isa == "avx2" else 4  # avx2: the int8 screen, with 7-bit rows
+        assert expected.numel() <= stats["candidates"] <= most * expected.numel()
     else:  # no screen, or the widened one, which pools skip for the dense projection (VocabArgmax::pool_argmax)
         assert stats["candidates"] == 0
 
