@@ -25,16 +25,25 @@ template <int R>
 inline void int8_group_dots(const int8_t* w, int quads, const uint8_t* x, int ldx, __m256i (&acc)[R][2]) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int k = 0; k < quads; ++k) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + static_cast<size_t>(k + 32) * 64), _MM_HINT_T0);
-    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + static_cast<size_t>(k) * 64));
-    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + static_cast<size_t>(k) * 64 + 32));
+  for (int k = 0; k < quads; k += kInt8Widen) {  // quads: whole kInt8Widen
+    __m256i sum[R][2];
+    for (int j = 0; j < kInt8Widen; ++j) {
+      const int8_t* wk = w + static_cast<size_t>(k + j) * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(wk + 32 * 64), _MM_HINT_T0);
+      const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wk));
+      const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wk + 32));
+      for (int r = 0; r < R; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, x + static_cast<size_t>(r) * ldx + 4 * (k + j), sizeof quad);
+        const __m256i xb = _mm256_set1_epi32(quad);
+        const __m256i p0 = _mm256_maddubs_epi16(xb, w0), p1 = _mm256_maddubs_epi16(xb, w1);
+        sum[r][0] = j == 0 ? p0 : _mm256_add_epi16(sum[r][0], p0);
+        sum[r][1] = j == 0 ? p1 : _mm256_add_epi16(sum[r][1], p1);
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      int32_t quad;
-      std::memcpy(&quad, x + static_cast<size_t>(r) * ldx + 4 * k, sizeof quad);
-      const __m256i xb = _mm256_set1_epi32(quad);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(sum[r][0], ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(sum[r][1], ones));
     }
   }
 }

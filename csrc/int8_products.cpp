@@ -30,7 +30,7 @@ int quantised(float value, float scale, int most) {
 }  // namespace
 
 PackedInt8Projection::PackedInt8Projection(const float* weight, const float* row_norm, int vocab, int in)
-    : vocab_(vocab), in_(in), quads_((in + 3) / 4), groups_((vocab + kInt8Group - 1) / kInt8Group) {
+    : vocab_(vocab), in_(in), quads_((in + 4 * kInt8Widen - 1) / (4 * kInt8Widen) * kInt8Widen), groups_((vocab + kInt8Group - 1) / kInt8Group) {
   if (in < 1 || vocab < 1 || in > kInt8MaxIn)
     throw std::invalid_argument("PackedInt8Projection: expected 1 <= in <= " + std::to_string(kInt8MaxIn) +
                                 " and a vocabulary, got in " + std::to_string(in));
@@ -72,11 +72,11 @@ void prepare_int8_rows(const PackedInt8Projection& w, double max_row_norm, const
     for (int i = 0; i < in; ++i) squares += static_cast<double>(row[i]) * row[i], top = std::max(top, std::fabs(row[i]));
     const double norm = std::sqrt(squares);
     if (!(norm * std::max(max_row_norm, 1.0) < 1e30)) continue;  // NaN, inf, or within reach of float32's range
-    const float s = top / 63.0f;
+    const float s = top / static_cast<float>(kInt8XMax);
     double error = 0.0, kept = 0.0;
     uint8_t* bytes = out.bytes.data() + static_cast<size_t>(r) * ld;
     for (int i = 0; i < in; ++i) {
-      const int q = quantised(row[i], s, 63);
+      const int q = quantised(row[i], s, kInt8XMax);
       bytes[i] = static_cast<uint8_t>(q + kInt8Offset);
       const double hat = static_cast<double>(s) * q;  // exact in double
       error += (row[i] - hat) * (row[i] - hat), kept += hat * hat;

@@ -38,7 +38,10 @@ namespace calm_cpu {
 
 constexpr int kInt8Group = 16;       // ids per packed group: two registers of 8 ids x 4 inputs
 constexpr int kInt8MaxIn = 2048;     // the widest input whose int32 sums and float32 dots stay exact (above)
-constexpr int kInt8Offset = 64;      // x's bytes are q_x + 64
+constexpr int kInt8XMax = 31;       // x's levels: q_x in [-31, 31]
+constexpr int kInt8Offset = kInt8XMax;  // x's bytes are q_x + 31 in [0, 62]
+constexpr int kInt8Widen = 2;       // quads summed in int16 before each widening to int32
+static_assert(kInt8Widen * 2 * (2 * kInt8XMax) * 127 <= 32767, "the int16 sums must not saturate");
 constexpr size_t kInt8MaxCandidates = 512;  // a row with more falls back to the float32 projection, alone
 
 // W [vocab, in] quantised per row and packed in groups of 16 ids, each [in / 4 quads][16 ids][4 inputs] (one 64-byte
@@ -47,6 +50,7 @@ constexpr size_t kInt8MaxCandidates = 512;  // a row with more falls back to the
 class PackedInt8Projection {
  public:
   // weight: finite rows; row_norm: upper bounds of their norms. std::invalid_argument for in > kInt8MaxIn.
+  // The quads are padded to whole kInt8Widen.
   PackedInt8Projection(const float* weight, const float* row_norm, int vocab, int in);
   int vocab() const { return vocab_; }
   int in() const { return in_; }
