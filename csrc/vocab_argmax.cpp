@@ -117,6 +117,12 @@ void VocabArgmax::enable_screen(GemmBf16 gemm, const uint16_t* weight_bf16, cons
     throw std::invalid_argument("vocab_screen: the screen needs finite decoder.projection rows of norm below 1e30; "
                                 "row " + std::to_string(row) + " is not");
   }
+  if (kernels_.int8_screen != nullptr && in_ <= kInt8MaxIn) {  // the int8 screen serves every call (argmax)
+    packed_int8_ = std::make_unique<PackedInt8Projection>(weight_, row_norm, vocab_, in_);
+    screen_.weight_bf16 = nullptr;  // never read
+    screening_ = true;
+    return;
+  }
   // A packed copy for the level's kernel (MKL's GEMM repacks the weight on every call).
   int group = 0;
   if (isa_ >= Isa::kAvx512Bf16 && in_ % 2 == 0) {
@@ -129,8 +135,6 @@ void VocabArgmax::enable_screen(GemmBf16 gemm, const uint16_t* weight_bf16, cons
   }
   if (group != 0) packed_bf16_ = std::make_unique<PackedBf16Projection>(weight_bf16, vocab_, in_, group);
   screen_.packed = packed_bf16_.get();
-  if (kernels_.int8_screen != nullptr && in_ <= kInt8MaxIn)
-    packed_int8_ = std::make_unique<PackedInt8Projection>(weight_, row_norm, vocab_, in_);
   if (packed_bf16_ && (packed_kind_ != ScreenProducts::kDpbf16 || gemm == nullptr))
     screen_.weight_bf16 = nullptr;  // never read again
   screening_ = true;
@@ -147,19 +151,16 @@ ScreenProducts VocabArgmax::screen_products(int rows) const {
 
 void VocabArgmax::argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
   fallback_rows_ = candidates_ = 0;
-  if (screening_)
+  if (packed_int8_)
+    int8_screened(gemm, x, rows, out);
+  else if (screening_)
     screened(gemm, x, rows, out);
   else
     projected(gemm, x, rows, out);
 }
 
 void VocabArgmax::pool_argmax(Gemm& gemm, const float* x, int rows, int64_t* out) {
-  if (packed_int8_) {
-    fallback_rows_ = candidates_ = 0;
-    int8_screened(gemm, x, rows, out);
-    return;
-  }
-  if (screening_ && packed_kind_ == ScreenProducts::kWidened) {
+  if (screening_ && !packed_int8_ && packed_kind_ == ScreenProducts::kWidened) {
     fallback_rows_ = candidates_ = 0;
     projected(gemm, x, rows, out);
     return;
