@@ -1,6 +1,7 @@
 // The step's last operation: for each row of the decoder's final states, the first id of the largest logit over the
-// vocabulary, from the float32 projection or through the bfloat16 screen (vocab_screen.h: the same argmax, with
-// fewer float32 products). The step's two threads take the two halves of the vocabulary.
+// vocabulary, from the float32 projection or through a screen (the same argmax, with fewer float32 products): the
+// bfloat16 screen of vocab_screen.h, or at avx2 the int8 screen of int8_products.h. The step's two threads take the
+// two halves of the vocabulary.
 #pragma once
 
 #include <cstdint>
@@ -32,13 +33,15 @@ class VocabArgmax {
   VocabArgmax(const Array& projection, Isa isa, const StepKernels& kernels);
 
   // From now on through the screen: weight_bf16 [vocab, in] the projection's bfloat16 bits, row_norm [vocab] upper
-  // bounds of its rows' norms (read on every call), gemm MKL's bfloat16 GEMM or null. std::invalid_argument where the
-  // rows are not finite with norms below 1e30, or at the generic level without the GEMM.
+  // bounds of its rows' norms (read on every call; at avx2 copied with the int8 weight, which replaces the bfloat16
+  // one for in <= kInt8MaxIn), gemm MKL's bfloat16 GEMM or null. std::invalid_argument where the rows are not finite
+  // with norms below 1e30, or at the generic level without the GEMM.
   void enable_screen(GemmBf16 gemm, const uint16_t* weight_bf16, const float* row_norm);
   // Whether the screen still reads weight_bf16 after enable_screen (else its packed copy alone).
   bool reads_weight_bf16() const { return screen_.weight_bf16 != nullptr; }
 
-  // out [rows] = argmax over the vocabulary of x [rows, in] @ W^T, the first id on ties.
+  // out [rows] = argmax over the vocabulary of x [rows, in] @ W^T, the first id on ties. At avx2 through the int8
+  // screen: at 4 and 32 rows (T = 1, batch 1 and 8) it ran 1.2-1.5x the widened bfloat16 screen (benchmarks/RESULTS.md).
   void argmax(Gemm& gemm, const float* x, int rows, int64_t* out);
   // The same for the many rows of a pool: through the int8 screen where the level has it (avx2: int8_products.h),
   // else through the bfloat16 screen where its products are bfloat16 arithmetic (AMX, vdpbf16ps, MKL's GEMM); the
