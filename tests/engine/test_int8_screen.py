@@ -52,8 +52,8 @@ def numpy_reference(x: torch.Tensor, weight: torch.Tensor):
     x, w = x.numpy(), weight.numpy()
     s_w = np.abs(w).max(1) / np.float32(127)
     q_w = np.clip(np.rint(w / np.where(s_w == 0, 1, s_w)[:, None]), -127, 127).astype(np.int64)
-    s_x = np.abs(x).max(1) / np.float32(31)
-    q_x = np.clip(np.rint(x / np.where(s_x == 0, 1, s_x)[:, None]), -31, 31).astype(np.int64)
+    s_x = np.abs(x).max(1) / np.float32(63)
+    q_x = np.clip(np.rint(x / np.where(s_x == 0, 1, s_x)[:, None]), -63, 63).astype(np.int64)
     dots = (q_x @ q_w.T).astype(np.float32)
     scores = (s_x[:, None] * s_w[None, :]) * dots
     x_hat = s_x[:, None].astype(np.float64) * q_x
