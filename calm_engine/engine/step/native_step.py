@@ -82,7 +82,8 @@ ISA_LEVELS = ("generic", "avx2", "avx512", "avx512_bf16", "amx")
 ISA_ENV = "CALM_CPU_ISA"
 # Where the vocabulary screen is on by default: at the levels whose kernels multiply bfloat16 natively, at "avx2",
 # whose screen is int8 (csrc/int8_products.h), and at "avx512", where the packed bfloat16 copy halves the bytes the
-# projection reads (benchmarks/RESULTS.md, "CPU instruction-set levels"). At "generic" MKL's bfloat16 GEMM would convert to float32 first.
+# projection reads (benchmarks/RESULTS.md, "CPU instruction-set levels"). At "generic" MKL's bfloat16 GEMM would
+# convert to float32 first.
 SCREEN_BY_DEFAULT = {"generic": False, "avx2": True, "avx512": True, "avx512_bf16": True, "amx": True}
 
 
