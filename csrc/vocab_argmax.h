@@ -41,7 +41,8 @@ class VocabArgmax {
   bool reads_weight_bf16() const { return screen_.weight_bf16 != nullptr; }
 
   // out [rows] = argmax over the vocabulary of x [rows, in] @ W^T, the first id on ties. At avx2 through the int8
-  // screen: at 4 and 32 rows (T = 1, batch 1 and 8) it ran 1.2-1.5x the widened bfloat16 screen (benchmarks/RESULTS.md).
+  // screen: T = 1 steps of the small shape ran 10% (batch 1) and 2-6% (batch 8) faster than with the widened bfloat16
+  // screen (benchmarks/RESULTS.md).
   void argmax(Gemm& gemm, const float* x, int rows, int64_t* out);
   // The same for the many rows of a pool: through the int8 screen where the level has it (avx2: int8_products.h),
   // else through the bfloat16 screen where its products are bfloat16 arithmetic (AMX, vdpbf16ps, MKL's GEMM); the

@@ -203,6 +203,22 @@ def test_cpu_step_argmax_ties_go_to_the_first_id(isa):
 
 
 @pytest.mark.parametrize("isa", ISA)
+def test_cpu_step_projects_only_the_rows_the_screen_leaves_open(isa):
+    """700 equal vocabulary rows (more candidates than a screen keeps), scaled up so that some decoded rows have them
+    as their best ids: those rows alone go to the float32 projection, the first of the equal ids winning."""
+    model = context_sensitive_model(seed=4, vocab_size=2999)
+    embedding = model.autoencoder.encoder.embed_tokens.weight  # tied to the vocabulary projection
+    embedding[100:800] = 6 * embedding[100]
+    got, reference, step = _step_and_reference(model, isa=isa)
+    assert_same_argmax(got, *reference)
+    tied = (reference[0] >= 100) & (reference[0] < 800)
+    assert 0 < tied.sum() < tied.numel()
+    assert torch.equal(got[tied], torch.full_like(got[tied], 100))
+    if step.screen_vocab:  # and rows where the equal ids come close enough to stay candidates
+        assert tied.sum() <= step.screen_fallback_rows < tied.numel()
+
+
+@pytest.mark.parametrize("isa", ISA)
 def test_cpu_step_on_one_thread(isa):
     """No worker thread: every product whole, the vocabulary in one range of tiles."""
     threads = torch.get_num_threads()
