@@ -1,5 +1,6 @@
-// The step's kernels (step_kernels.h) at the AVX2 level: 8 floats per register, fused multiply-adds. This file alone
-// is compiled for AVX2 + FMA; the step calls into it only where the CPU runs them (isa.cpp).
+// The step's kernels (step_kernels.h) at the AVX2 level: 8 floats per register, fused multiply-adds; and the int8
+// vocabulary screen (int8_kernels.h), at this level only. This file alone is compiled for AVX2 + FMA; the step calls
+// into it only where the CPU runs them (isa.cpp).
 #if defined(__x86_64__)
 // Everything shared is included before the target switch, so no inline function outside the kernels is compiled
 // for AVX2 (the linker could otherwise keep that copy for callers on any CPU).

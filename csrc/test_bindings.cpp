@@ -1,5 +1,6 @@
 // For tests only, in the submodule _calm_cpu.testing: each of the decode step's kernels on its own at a given
-// instruction-set level (isa.h): packed products, exp, SiLU, one attention head and the screened vocabulary argmax.
+// instruction-set level (isa.h): packed products, exp, SiLU, one attention head and the screened vocabulary argmax
+// (bfloat16 and int8 screens).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
