@@ -52,7 +52,7 @@ constexpr size_t kInt8MaxCandidates = 512;  // a row with more falls back to the
 
 // W [vocab, in] quantised per row and packed in groups of 16 ids, each [in / 4 quads][16 ids][4 inputs] (one 64-byte
 // line per quad: vpmaddubsw's 4 bytes per 32-bit lane), zero past `in` and past the vocabulary; per id (padded to
-// whole groups, zero past the vocabulary) the scale s_v, 64 rowsum(q_v), the row norm |w_v| and the residual r_v.
+// whole groups, zero past the vocabulary) the scale s_v, 63 rowsum(q_v), the row norm |w_v| and the residual r_v.
 class PackedInt8Projection {
  public:
   // weight: finite rows; row_norm: upper bounds of their norms. std::invalid_argument for in > kInt8MaxIn.
