@@ -127,8 +127,9 @@ def floor_products(weights: ModelWeights, batch: int, samples: int, screened: bo
 
 def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: SamplingParams, rounds: int) -> dict:
     """Medians (ms) of one engine step in steady state (prefill excluded) for `batch` running requests, of the same
-    step's matrix products alone with a dense float32 projection (floor_ms) and, where the C++ step screens, with the
-    bfloat16 projection (screen_floor_ms: the screen's own product); all alternate, so they see the same machine. On
+    step's matrix products alone with a dense float32 projection (floor_ms) and, where the C++ step screens in
+    bfloat16, with the bfloat16 projection (screen_floor_ms: the screen's own product); all alternate, so they see the
+    same machine. On
     the C++ step at T < 1 also the step's split: head, decoder MLP, vocabulary argmax (screen and recomputation),
     counting and choice, and the rest (backbone, noise, Python), with the screen's candidates and fallbacks per row."""
     engine = llm.engine
@@ -141,7 +142,9 @@ def time_steps_and_floor(llm: LLM, batch: int, prompt_len: int, params: Sampling
     native = engine.backends.native if decode_backend(engine, batch, params) == "native" else None
     pools = native is not None and params.samples_per_step > 1
     floors = {"floor_ms": floor_products(engine.weights, batch, params.samples_per_step)}
-    if native is not None and native.screen_vocab:
+    # torch's bfloat16 product models the screen only where the CPU multiplies bfloat16; at avx2 the screen's products
+    # are int8 (csrc/int8_products.h), which torch has no fast CPU product for, and its bfloat16 F.linear is emulated.
+    if native is not None and native.screen_vocab and native.isa in ("avx512_bf16", "amx"):
         floors["screen_floor_ms"] = floor_products(engine.weights, batch, params.samples_per_step, screened=True)
     for floor in floors.values():
         floor()
