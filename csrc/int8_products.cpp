@@ -97,15 +97,10 @@ void add_int8_candidates(const Int8Scan& scan, int r, const float* upper, int id
   auto& list = scan.part->candidates[r];
   for (int j = 0; mask != 0; ++j, mask >>= 1) {
     if (!(mask & 1u)) continue;
-    if (list.size() == kInt8MaxCandidates) {
-      list.erase(std::remove_if(list.begin(), list.end(), [&](const Candidate& k) { return k.upper < lower; }),
-                 list.end());
-      if (list.size() == kInt8MaxCandidates) {
-        scan.overflow[r] = 1;
-        return;
-      }
+    if (!push_candidate(list, kInt8MaxCandidates, upper[j], id0 + j, lower)) {
+      scan.overflow[r] = 1;
+      return;
     }
-    list.push_back({upper[j], id0 + j});
   }
 }
 

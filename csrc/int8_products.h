@@ -106,7 +106,7 @@ void prepare_int8_rows(const PackedInt8Projection& w, double max_row_norm, const
 Int8RowsView int8_view(const PackedInt8Projection& w, const Int8Rows& rows);
 
 // Row r's ids id0 + j for the set bits j of `mask` (in id order), whose upper bounds upper[j] reached `lower`, onto
-// its candidates: full lists drop the ids the risen lower bound has ruled out, then overflow (kInt8MaxCandidates).
+// its candidates (push_candidate, at most kInt8MaxCandidates), else the row overflows.
 void add_int8_candidates(const Int8Scan& scan, int r, const float* upper, int id0, unsigned mask, float lower);
 
 // The plain reference of the kernels' scores and bounds: scores, bounds [rows, n] for ids c0..c0+n-1 (c0 a multiple

@@ -3,8 +3,9 @@
 // Why here and not in PyTorch: at T < 1 the step decodes N x K rows (N = 200, K = 4: 800 per row) through the
 // vocabulary projection, ~95% of the step in dense float32 products on the PyTorch path. Here they go through the
 // step's screened argmax where its products are int8 or bfloat16 arithmetic (VocabArgmax::pool_argmax;
-// int8_products.h, vocab_screen.h: a proven bound, float32 recomputation of the candidates), which gives the same ids as the dense float32 argmax
-// wherever float32 rounding cannot flip them; the hidden-state half of the head runs once per row.
+// int8_products.h, vocab_screen.h: a proven bound, float32 recomputation of the candidates), which gives the same ids
+// as the dense float32 argmax wherever float32 rounding cannot flip them; the hidden-state half of the head runs once
+// per row.
 #include <algorithm>
 #include <chrono>
 

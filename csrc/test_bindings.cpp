@@ -73,6 +73,30 @@ void attend_head(const std::string& isa, FloatArray q, FloatArray keys, FloatArr
                               out.mutable_data());
 }
 
+// A screen's result on its own: (ids [R], rows left open, candidates recomputed per row [R]) from one part of the
+// whole vocabulary; a row left open is reduced with a plain float32 loop (first maximum).
+py::tuple picked_ids(const calm_cpu::VocabScreen& v, const float* x, int rows, const std::vector<char>& usable,
+                     const calm_cpu::ScreenPart& part) {
+  py::array_t<int64_t> ids(rows), candidates(rows);
+  int64_t fallback = 0;
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x + static_cast<size_t>(r) * v.in;
+    int64_t& recomputed = candidates.mutable_data()[r] = 0;
+    int64_t id = usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1, recomputed) : -1;
+    if (id < 0) {
+      ++fallback;
+      float best = -INFINITY;
+      for (int c = 0; c < v.vocab; ++c) {
+        float dot = 0.0f;
+        for (int i = 0; i < v.in; ++i) dot += row[i] * v.weight[static_cast<size_t>(c) * v.in + i];
+        if (id < 0 || dot > best) best = dot, id = c;
+      }
+    }
+    ids.mutable_data()[r] = id;
+  }
+  return py::make_tuple(ids, fallback, candidates);
+}
+
 // The screened argmax on its own (one thread, one tile per `tile` ids): x [R, in] and the projection's weight
 // [vocab, in] (float32), its bfloat16 bits and row norms -> (ids [R], rows projected in full). The scan runs at the
 // level `isa`; the bfloat16 products on its packed kernel (`packed`: AMX tiles at amx, vdpbf16ps at avx512_bf16, the
@@ -115,24 +139,7 @@ py::tuple screened_vocab_argmax(const std::string& isa, std::uintptr_t gemm_bf16
   calm_cpu::ScreenPart part;
   calm_cpu::prepare_rows(v, x.data(), rows, prepared);
   calm_cpu::screen_range(v, prepared, rows, 0, v.vocab, tile, part);
-  py::array_t<int64_t> ids(rows), candidates(rows);
-  int64_t fallback = 0;
-  for (int r = 0; r < rows; ++r) {
-    const float* row = x.data() + static_cast<size_t>(r) * v.in;
-    int64_t& recomputed = candidates.mutable_data()[r] = 0;
-    int64_t id = prepared.usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1, recomputed) : -1;
-    if (id < 0) {
-      ++fallback;
-      float best = -INFINITY;
-      for (int c = 0; c < v.vocab; ++c) {
-        float dot = 0.0f;
-        for (int i = 0; i < v.in; ++i) dot += row[i] * v.weight[static_cast<size_t>(c) * v.in + i];
-        if (id < 0 || dot > best) best = dot, id = c;
-      }
-    }
-    ids.mutable_data()[r] = id;
-  }
-  return py::make_tuple(ids, fallback, candidates);
+  return picked_ids(v, x.data(), rows, prepared.usable, part);
 }
 
 // The int8 screen's packed weight from weight [V, in] and its row norms [V] (the step's own checks are the caller's).
@@ -180,27 +187,10 @@ py::tuple int8_screened_vocab_argmax(const std::string& isa, FloatArray x, Float
   calm_cpu::Int8Rows prepared;
   calm_cpu::prepare_int8_rows(*w, calm_cpu::largest_norm(row_norm.data(), v.vocab), x.data(), rows, prepared);
   calm_cpu::ScreenPart part;
-  part.lower.assign(rows, -INFINITY), part.candidates.resize(rows), part.overflow.assign(rows, 0);
+  part.reset(rows);
   k.int8_screen(*w, calm_cpu::int8_view(*w, prepared), rows, 0, v.vocab,
                 {part.lower.data(), part.overflow.data(), &part});
-  py::array_t<int64_t> ids(rows), candidates(rows);
-  int64_t fallback = 0;
-  for (int r = 0; r < rows; ++r) {
-    const float* row = x.data() + static_cast<size_t>(r) * v.in;
-    int64_t& recomputed = candidates.mutable_data()[r] = 0;
-    int64_t id = prepared.usable[r] ? calm_cpu::pick_candidate(v, row, r, &part, 1, recomputed) : -1;
-    if (id < 0) {
-      ++fallback;
-      float best = -INFINITY;
-      for (int c = 0; c < v.vocab; ++c) {
-        float dot = 0.0f;
-        for (int i = 0; i < v.in; ++i) dot += row[i] * v.weight[static_cast<size_t>(c) * v.in + i];
-        if (id < 0 || dot > best) best = dot, id = c;
-      }
-    }
-    ids.mutable_data()[r] = id;
-  }
-  return py::make_tuple(ids, fallback, candidates);
+  return picked_ids(v, x.data(), rows, prepared.usable, part);
 }
 
 }  // namespace

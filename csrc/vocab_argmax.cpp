@@ -82,14 +82,6 @@ void int8_job(void* context) {
   t.kernels->int8_screen(*t.weight, t.rows, t.count, t.n0, t.n1, t.scan);
 }
 
-// A part sized for `rows`, its lower bounds at -inf and no candidates.
-void reset_part(ScreenPart& part, int rows) {
-  part.lower.assign(rows, -INFINITY);
-  part.candidates.resize(rows);
-  for (auto& list : part.candidates) list.clear();
-  part.overflow.assign(rows, 0);
-}
-
 GemmTask job(void (*run)(void*), void* context) {
   GemmTask task;
   task.job = run, task.context = context;
@@ -186,7 +178,7 @@ void VocabArgmax::projected(Gemm& gemm, const float* x, int rows, int64_t* out) 
 
 // The two threads screen the two halves of the vocabulary (whole tiles, the lower half first in id order); then each
 // row's candidates are recomputed in float32 here. A row the screen leaves open (ties or near-ties among more than
-// kMaxCandidates ids, or a non-finite row) is projected in full, alone (project_open_rows).
+// kMaxCandidates ids, or a non-finite row) is projected in full, alone (settle_rows).
 void VocabArgmax::screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
   screen_.products = screen_products(rows);
   prepare_rows(screen_, x, rows, screen_rows_);
@@ -202,11 +194,7 @@ void VocabArgmax::screened(Gemm& gemm, const float* x, int rows, int64_t* out) {
   } else {
     screen_job(&mine);
   }
-  for (int r = 0; r < rows; ++r) {
-    const float* row = x + static_cast<size_t>(r) * in_;
-    out[r] = screen_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
-  }
-  project_open_rows(gemm, x, rows, out);
+  settle_rows(gemm, x, rows, screen_rows_.usable, parts, out);
 }
 
 // The int8 screen, its vocabulary split between the threads in whole groups (the lower half first), then as screened.
@@ -217,7 +205,7 @@ void VocabArgmax::int8_screened(Gemm& gemm, const float* x, int rows, int64_t* o
   Int8Job jobs[2];
   for (int p = 0; p < parts; ++p) {
     ScreenPart& part = screen_parts_[p];
-    reset_part(part, rows);
+    part.reset(rows);
     jobs[p] = {&kernels_, packed_int8_.get(), int8_view(*packed_int8_, int8_rows_), rows, p ? split : 0,
                p ? vocab_ : split, {part.lower.data(), part.overflow.data(), &part}};
   }
@@ -225,17 +213,17 @@ void VocabArgmax::int8_screened(Gemm& gemm, const float* x, int rows, int64_t* o
     gemm.run_pair(job(&int8_job, &jobs[0]), job(&int8_job, &jobs[1]));
   else
     int8_job(&jobs[0]);
-  for (int r = 0; r < rows; ++r) {
-    const float* row = x + static_cast<size_t>(r) * in_;
-    out[r] = int8_rows_.usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
-  }
-  project_open_rows(gemm, x, rows, out);
+  settle_rows(gemm, x, rows, int8_rows_.usable, parts, out);
 }
 
-void VocabArgmax::project_open_rows(Gemm& gemm, const float* x, int rows, int64_t* out) {
+void VocabArgmax::settle_rows(Gemm& gemm, const float* x, int rows, const std::vector<char>& usable, int parts,
+                              int64_t* out) {
   std::vector<int> open;
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < rows; ++r) {
+    const float* row = x + static_cast<size_t>(r) * in_;
+    out[r] = usable[r] ? pick_candidate(screen_, row, r, screen_parts_, parts, candidates_) : -1;
     if (out[r] < 0) open.push_back(r);
+  }
   fallback_rows_ += static_cast<int64_t>(open.size());
   if (open.empty()) return;
   open_rows_.resize(open.size() * static_cast<size_t>(in_));

@@ -60,8 +60,9 @@ class VocabArgmax {
   void projected(Gemm& gemm, const float* x, int rows, int64_t* out);
   void screened(Gemm& gemm, const float* x, int rows, int64_t* out);
   void int8_screened(Gemm& gemm, const float* x, int rows, int64_t* out);
-  // Each row r the screens left open (out[r] < 0) projected in float32, alone.
-  void project_open_rows(Gemm& gemm, const float* x, int rows, int64_t* out);
+  // out [rows] from the screen's `parts` parts: each usable row's candidates recomputed in float32 (pick_candidate),
+  // and the rows left open (unusable or overflowed) projected in float32, alone.
+  void settle_rows(Gemm& gemm, const float* x, int rows, const std::vector<char>& usable, int parts, int64_t* out);
   ScreenProducts screen_products(int rows) const;
 
   const float* weight_;

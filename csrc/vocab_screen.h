@@ -121,15 +121,32 @@ struct ScreenPart {
   std::vector<std::vector<Candidate>> candidates;
   std::vector<char> overflow;
   std::vector<float> scores;  // the tile being screened, [rows, tile]
+
+  // Sized for `rows`, every lower bound at -inf, no candidates, no overflow.
+  void reset(int rows) {
+    lower.assign(rows, -INFINITY);
+    candidates.resize(rows);
+    for (auto& list : candidates) list.clear();
+    overflow.assign(rows, 0);
+  }
 };
+
+// Appends (upper, id) to a row's candidates. A full list (`most`) first drops the ids the risen lower bound has ruled
+// out; false if it is still full (the row overflows).
+inline bool push_candidate(std::vector<Candidate>& list, size_t most, float upper, int id, float lower) {
+  if (list.size() == most) {
+    list.erase(std::remove_if(list.begin(), list.end(), [&](const Candidate& k) { return k.upper < lower; }),
+               list.end());
+    if (list.size() == most) return false;
+  }
+  list.push_back({upper, id});
+  return true;
+}
 
 // The rows against vocabulary ids n0..n1, `tile` ids per bfloat16 product (a multiple of the packed group).
 inline void screen_range(const VocabScreen& v, const ScreenRows& x, int rows, int n0, int n1, int tile,
                          ScreenPart& part) {
-  part.lower.assign(rows, -INFINITY);
-  part.candidates.resize(rows);
-  for (auto& list : part.candidates) list.clear();
-  part.overflow.assign(rows, 0);
+  part.reset(rows);
   const int rows16 = (rows + 15) / 16 * 16, ld_amx = (tile + 31) / 32 * 32;
   part.scores.resize(static_cast<size_t>(rows16) * ld_amx);
   const StepKernels& kernels = *v.kernels;
@@ -168,15 +185,10 @@ inline void screen_range(const VocabScreen& v, const ScreenRows& x, int rows, in
         for (int c = b0; c < b1; ++c) {
           const float upper = s[c] + (e * norm[c] + kScreenTiny);
           if (upper < lower) continue;
-          if (list.size() == kMaxCandidates) {  // drop those the risen lower bound has ruled out
-            list.erase(std::remove_if(list.begin(), list.end(), [&](const Candidate& k) { return k.upper < lower; }),
-                       list.end());
-            if (list.size() == kMaxCandidates) {
-              part.overflow[r] = 1;
-              break;
-            }
+          if (!push_candidate(list, kMaxCandidates, upper, c0 + c, lower)) {
+            part.overflow[r] = 1;
+            break;
           }
-          list.push_back({upper, c0 + c});
         }
       }
     }

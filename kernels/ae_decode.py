@@ -215,7 +215,7 @@ def decode_argmax_ref(decoder, latents: torch.Tensor) -> tuple[torch.Tensor, tor
     """`decode_argmax` in plain torch: the model's Decoder, its vocabulary projection through project_argmax_ref.
     (ids int64 [M, K], max logit [M, K]). A large pool runs in blocks of ROW_BLOCK decoded rows, so neither its logits
     nor its decoder activations ever exist at once: a step's memory grows with its samples only by their noise, head
-    activations and ids (llm_engine.sample_pool_bytes)."""
+    activations and ids (llm_engine.sample_row_bytes, decode_block_bytes)."""
     _check(decoder, latents)
     k = chunk_size(decoder)
     block = max(1, ROW_BLOCK // k)

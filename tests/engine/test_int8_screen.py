@@ -10,6 +10,7 @@ import torch
 
 from calm_engine import native
 from calm_engine.engine.step import native_step as cpu_step
+from tests.engine.screen_cases import assert_pool_size_ids, pool_size_case
 
 testing = getattr(native.calm_cpu, "testing", None)
 pytestmark = pytest.mark.skipif(
@@ -135,30 +136,12 @@ def test_int8_screen_matches_the_argmax_on_random_inputs(rows, vocab, width, isa
 
 @pytest.mark.parametrize("isa", LEVELS)
 def test_int8_screen_matches_the_dense_float32_argmax_at_pool_size(isa):
-    """As test_vocab_screen's pool-size test: 800 rows over 8192 ids, random rows, near-ties a few ulps apart, exact
+    """screen_cases' pool-size case: 800 rows over 8192 ids, random rows, near-ties a few ulps apart, exact
     ties of equal projection rows (the first id wins)."""
-    generator = torch.Generator().manual_seed(29)
-    rows, vocab, width = 800, 8192, 128
-    weight = 0.2 * torch.randn(vocab, width, generator=generator)
-    x = torch.randn(rows, width, generator=generator)
-    pairs = torch.randperm(vocab, generator=generator)[:400].view(200, 2).sort(dim=1).values
-    near, tied = pairs[:100], pairs[100:]
-    weight[near[:, 1]] = weight[near[:, 0]] * (1 + 2**-22) + 1e-7 * torch.randn(100, width, generator=generator)
-    weight[tied[:, 1]] = weight[tied[:, 0]]
-    targets = torch.cat([near[:, 0], tied[:, 0]]).repeat_interleave(2)
-    x[:400] = 4 * weight[targets] + 0.02 * torch.randn(400, width, generator=generator)
+    x, weight, targets = pool_size_case(29)
     ids, fallback, candidates = screened(isa, x, weight)
     assert fallback == 0
-    dense = (x @ weight.T).argmax(-1)
-    exact = x.double() @ weight.double().T
-    top = exact.topk(2, dim=-1).values
-    rounding = 2 * width * 2**-24 * x.double().norm(dim=1) * weight.double().norm(dim=1).max()
-    decided = top[:, 0] - top[:, 1] > rounding
-    assert decided[400:].float().mean() > 0.95 and not decided[200:400].any()
-    assert torch.equal(ids[decided], dense[decided])
-    assert exact.gather(1, ids[:, None]).squeeze(1).ge(top[:, 0] - rounding).all()
-    assert torch.equal(ids[200:400], targets[200:400])
-    assert (candidates[200:400] >= 2).all()
+    assert_pool_size_ids(ids, candidates, x, weight, targets)
     assert candidates[400:].float().mean() < 16
 
 

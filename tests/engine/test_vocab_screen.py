@@ -8,6 +8,7 @@ import torch
 
 from calm_engine import native
 from calm_engine.engine.step import native_step as cpu_step
+from tests.engine.screen_cases import assert_pool_size_ids, pool_size_case
 
 _calm_cpu = native.calm_cpu
 testing = getattr(_calm_cpu, "testing", None)  # the step's kernels one by one (csrc/test_bindings.cpp)
@@ -165,33 +166,9 @@ def test_screen_refuses_projection_rows_it_cannot_bound(bad):
 
 @pytest.mark.parametrize(("isa", "packed"), SOURCES)
 def test_screen_matches_the_dense_float32_argmax_at_pool_size(isa, packed):
-    """A pool's worth of rows (200 samples x K = 4) over 8192 ids: random rows, rows aimed at pairs of ids a few
-    float32 ulps apart (near-ties) and at pairs of equal projection rows (exact ties). The screened id is the dense
-    float32 argmax (torch's, first index on ties) wherever the float64 margin between the best two ids exceeds what
-    float32 rounding can move (two float32 dot products, each within in * 2^-24 |x| |w| of the exact one), and
-    within that margin of the best elsewhere; an exact tie goes to the first id."""
-    generator = torch.Generator().manual_seed(23)
-    rows, vocab, width = 800, 8192, 128
-    weight = 0.2 * torch.randn(vocab, width, generator=generator)
-    x = torch.randn(rows, width, generator=generator)
-    pairs = torch.randperm(vocab, generator=generator)[:400].view(200, 2).sort(dim=1).values
-    near, tied = pairs[:100], pairs[100:]
-    weight[near[:, 1]] = weight[near[:, 0]] * (1 + 2**-22) + 1e-7 * torch.randn(100, width, generator=generator)
-    weight[tied[:, 1]] = weight[tied[:, 0]]
-    targets = torch.cat([near[:, 0], tied[:, 0]]).repeat_interleave(2)  # rows 0-199 near-ties, 200-399 exact ties
-    x[:400] = 4 * weight[targets] + 0.02 * torch.randn(400, width, generator=generator)
+    """screen_cases' pool-size case (near-ties, exact ties, random rows) at every source of the products."""
+    x, weight, targets = pool_size_case(23)
     ids, fallback, candidates = screened_with_candidates(x, weight, isa, packed)
     assert fallback == 0
-    dense = (x @ weight.T).argmax(-1)
-    exact = x.double() @ weight.double().T
-    top = exact.topk(2, dim=-1).values
-    rounding = 2 * width * 2**-24 * x.double().norm(dim=1) * weight.double().norm(dim=1).max()
-    decided = top[:, 0] - top[:, 1] > rounding
-    assert decided[400:].float().mean() > 0.95 and not decided[200:400].any()  # the checks below mean something
-    assert torch.equal(ids[decided], dense[decided])
-    assert torch.equal(ids[decided], exact.argmax(-1)[decided])
-    within = exact >= (top[:, 0] - rounding)[:, None]
-    assert within.gather(1, ids[:, None]).all()
-    assert torch.equal(ids[200:400], targets[200:400])  # the first of two equal rows
-    assert (candidates >= 1).all() and (candidates[200:400] >= 2).all()  # a tie keeps both ids
+    assert_pool_size_ids(ids, candidates, x, weight, targets)
     assert candidates[400:].float().mean() < 4  # random rows: the screen leaves a few ids (2.0 at AMX), not 64
